@@ -1,0 +1,316 @@
+"""Every knob of acestep-ft, as typed dataclasses registered in Hydra's ConfigStore.
+
+This file is the one place to read all settings. YAML files under `conf/` only list what differs from the
+defaults below. A field that does not exist (`mode.rnak=4`) or belongs to another option of its group
+(`mode=full mode.rank=4`) is a Hydra error before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# Choices are StrEnums (OmegaConf validates them; they compare equal to their string values).
+class AttnImplementation(StrEnum):
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+class DatasetKind(StrEnum):
+    synthetic = "synthetic"
+    pt = "pt"
+
+
+class CachePolicy(StrEnum):
+    none = "none"
+    ram_lru = "ram_lru"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class MixedPrecision(StrEnum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LoggerBackend(StrEnum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+class TimestepKind(StrEnum):
+    logit_normal = "logit_normal"
+    turbo_discrete = "turbo_discrete"
+
+
+
+@dataclass
+class ModelConfig:
+    """ACE-Step 1.5 architecture. Field names follow the official `config.json` (AceStepConfig)."""
+
+    variant: str = MISSING
+    """Name of the variant: tiny, turbo, base, sft, xl_turbo, xl_base, xl_sft."""
+    path: Optional[str] = None
+    """Official checkpoint directory (config.json + model.safetensors). None = random init (tiny only)."""
+    hidden_size: int = 2048
+    """DiT width."""
+    intermediate_size: int = 6144
+    """DiT SwiGLU width."""
+    num_hidden_layers: int = 24
+    """Number of DiT layers."""
+    num_attention_heads: int = 16
+    """DiT query heads."""
+    num_key_value_heads: int = 8
+    """DiT key/value heads (grouped-query attention)."""
+    head_dim: int = 128
+    """Per-head width."""
+    encoder_hidden_size: Optional[int] = None
+    """Condition-encoder width; None = hidden_size (2B). XL uses 2048."""
+    encoder_intermediate_size: Optional[int] = None
+    """Condition-encoder SwiGLU width; None = intermediate_size."""
+    encoder_num_attention_heads: Optional[int] = None
+    """Condition-encoder query heads; None = num_attention_heads."""
+    encoder_num_key_value_heads: Optional[int] = None
+    """Condition-encoder key/value heads; None = num_key_value_heads."""
+    timbre_special_token: bool = False
+    """Timbre encoder prepends its CLS `special_token` (XL) instead of reading frame 0 (2B)."""
+    in_channels: int = 192
+    """DiT input channels: 64 x_t + 64 source latents + 64 chunk mask."""
+    audio_acoustic_hidden_dim: int = 64
+    """VAE latent channels."""
+    patch_size: int = 2
+    """Latent frames per DiT token (25 Hz -> 12.5 tokens/s)."""
+    text_hidden_dim: int = 1024
+    """Text-encoder (Qwen3-Embedding-0.6B) width."""
+    timbre_hidden_dim: int = 64
+    """Reference-audio latent channels."""
+    timbre_fix_frame: int = 750
+    """Reference-audio frames (30 s at 25 Hz)."""
+    num_lyric_encoder_hidden_layers: int = 8
+    """Lyric encoder layers."""
+    num_timbre_encoder_hidden_layers: int = 4
+    """Timbre encoder layers."""
+    num_attention_pooler_hidden_layers: int = 2
+    """Layers of the audio tokenizer's pooler and of the detokenizer."""
+    pool_window_size: int = 5
+    """Latent frames pooled into one 5 Hz token."""
+    fsq_dim: int = 2048
+    """FSQ projection width."""
+    fsq_input_levels: List[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+    """FSQ levels per dimension (codebook 64 000)."""
+    fsq_input_num_quantizers: int = 1
+    """Residual FSQ quantizers."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    max_position_embeddings: int = 32768
+    """RoPE table length."""
+    use_sliding_window: bool = True
+    """Even layers use a band mask of `sliding_window` tokens."""
+    sliding_window: int = 128
+    """Band half-width in tokens for sliding layers."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    timestep_mu: float = -0.4
+    """Logit-normal timestep mean used in training."""
+    timestep_sigma: float = 1.0
+    """Logit-normal timestep std used in training."""
+    is_turbo: bool = False
+    """CFG-distilled turbo variant (metadata written into exported config.json)."""
+    model_version: str = "base"
+    """Official model_version string written into exported config.json."""
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    """Attention kernel: torch SDPA (fast) or explicit softmax in fp32 (the official eager path)."""
+
+
+@dataclass
+class LoraMode:
+    """Train a PEFT LoRA adapter on the DiT decoder; everything else frozen."""
+
+    name: str = "lora"
+    """Mode tag (do not change)."""
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float = 128.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes matched inside the decoder (PEFT semantics): q_proj hits self_attn and cross_attn; self_attn.q_proj only self-attention; add gate_proj, up_proj, down_proj for the MLP."""
+
+
+@dataclass
+class FullMode:
+    """Train every weight of the DiT decoder; condition encoder, tokenizer and detokenizer frozen."""
+
+    name: str = "full"
+    """Mode tag (do not change)."""
+    i_understand_vram_risk: bool = False
+    """Full fine-tuning needs ~4x the weights in memory; set true to confirm."""
+
+
+@dataclass
+class DatasetConfig:
+    """Where training samples come from."""
+
+    kind: DatasetKind = DatasetKind.synthetic
+    """synthetic = deterministic generated data; pt = a directory of per-sample .pt files (official/Side-Step)."""
+    path: Optional[str] = MISSING
+    """Dataset directory for kind=pt (manifest.json or *.pt files); must be given for kind=pt."""
+    num_samples: int = 16
+    """Synthetic: number of samples."""
+    min_frames: int = 24
+    """Synthetic: shortest latent length (frames at 25 Hz)."""
+    max_frames: int = 48
+    """Synthetic: longest latent length (frames at 25 Hz)."""
+    condition_length: int = 12
+    """Synthetic: encoder_hidden_states length L."""
+    seed: int = 1234
+    """Synthetic: generator seed (the data never depends on train.seed)."""
+    shuffle: bool = True
+    """Shuffle sample order each epoch (seeded by train.seed and the epoch)."""
+
+
+@dataclass
+class CacheConfig:
+    """Keep decoded samples in memory between epochs."""
+
+    policy: CachePolicy = CachePolicy.none
+    """none = read every time; ram_lru = keep up to max_gb of samples in RAM, least recently used evicted."""
+    max_gb: float = 4.0
+    """RAM budget of ram_lru in GiB."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8}
+    )
+    """Optimizer constructor (`_target_` + kwargs, lr and weight_decay are filled in from the fields below)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    schedule: Schedule = Schedule.cosine
+    """Shape after warmup: cosine decay to min_lr_ratio * lr, or constant."""
+    warmup_steps: int = 10
+    """Linear warmup optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Final LR of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+
+
+@dataclass
+class HardwareConfig:
+    """Devices and precision (Accelerate owns placement and autocast)."""
+
+    name: str = "cpu"
+    """Preset name."""
+    cpu: bool = True
+    """Force CPU even where a GPU is present."""
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    """Autocast precision; master weights stay fp32."""
+    batch_size: int = 4
+    """Samples per micro-batch per process."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 is fastest on small machines)."""
+    memory_gb: float = 0.0
+    """Device memory budget in GiB (0 = unknown); used by the memory preflight."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go, in addition to metrics.jsonl in the run directory."""
+
+    backend: LoggerBackend = LoggerBackend.none
+    """Metrics sink."""
+    project: str = "acestep-ft"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team); None = your default."""
+    tags: List[str] = field(default_factory=list)
+    """Extra wandb tags (the Hydra group choices are added automatically)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """Flow-matching objective (defaults reproduce Side-Step and the official training_v2)."""
+
+    timesteps: TimestepKind = TimestepKind.logit_normal
+    """logit_normal = t = max of two sigmoid(N(mu, sigma)) draws (model config mu/sigma); turbo_discrete =
+    uniform over the 8 turbo shift-3 values (the original official LoRA trainer)."""
+    cfg_ratio: float = 0.15
+    """Probability per sample of replacing the whole condition by null_condition_emb."""
+    loss_mask: bool = False
+    """Average the loss over real frames only (official: False, padding counts)."""
+    attention_mask: bool = False
+    """Let the decoder mask padded frames and condition tokens (official: False, masks are ignored)."""
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, seeding, checkpointing and resume."""
+
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed for init, noise, timesteps, dropout and shuffling."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    save_every: int = 50
+    """Write a checkpoint every N optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in the run directory (older ones are deleted)."""
+    resume: Optional[str] = None
+    """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint path."""
+    stop_at_step: Optional[int] = None
+    """Stop (after saving) at this step without finishing the schedule; for interrupted-run tests."""
+    plot: bool = True
+    """Write loss_curve.png into the run directory at the end."""
+
+
+@dataclass
+class Config:
+    """The root: one run = one of each group plus the objective and loop settings."""
+
+    model: ModelConfig = MISSING
+    mode: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    cache: CacheConfig = MISSING
+    optim: OptimConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "."
+    """Output directory of the run (Hydra sets it to the job directory)."""
+    choices: Any = field(default_factory=dict)
+    """Hydra group choices of this run (filled in from hydra:runtime.choices; used for logger tags)."""
+
+
+def register_configs() -> None:
+    """Register the schemas; every YAML option under conf/<group>/ starts from one of these."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="mode", name="base_lora", node=LoraMode)
+    cs.store(group="mode", name="base_full", node=FullMode)
+    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
+    cs.store(group="cache", name="base_cache", node=CacheConfig)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)

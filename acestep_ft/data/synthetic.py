@@ -1,0 +1,122 @@
+"""Deterministic synthetic samples that a tiny diffusion transformer can learn in ~100 steps.
+
+Each sample is described by a few parameters: for each of `NUM_COMPONENTS` sinusoids a frequency, a phase and an
+amplitude. The target latents are those sinusoids over frames, mixed into 64 channels by one fixed low-rank matrix,
+plus a little noise, at roughly unit variance per channel. The condition (`encoder_hidden_states`) is a fixed random
+projection of the same parameters (plus a fixed per-token pattern and a little noise), so the condition tells the
+model what to generate, and a model that reads it can drive the loss well below the unconditional level.
+
+Everything depends only on `cfg.seed` (and `encoder_width`), never on the global RNG. Sample `i` also does not
+depend on `cfg.num_samples`: the fixed parts come from one generator and each sample from its own.
+`context_latents` follow the official text2music layout: cat(silence-like source [T, 64], ones [T, 64]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from acestep_ft.config import DatasetConfig
+from acestep_ft.data.batch import Sample
+
+LATENT_CHANNELS = 64
+NUM_COMPONENTS = 3
+FREQ_RANGE = (0.02, 0.12)  # cycles per latent frame: smooth at 25 Hz, a few periods per sample
+AMP_RANGE = (0.5, 1.5)
+TARGET_NOISE = 0.05
+CONDITION_NOISE = 0.01
+_SEED_MOD = 2**63
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed % _SEED_MOD)
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _check(cfg: DatasetConfig, encoder_width: int) -> None:
+    problems = []
+    if cfg.num_samples < 1:
+        problems.append(f"dataset.num_samples={cfg.num_samples} must be >= 1")
+    if cfg.min_frames < 1:
+        problems.append(f"dataset.min_frames={cfg.min_frames} must be >= 1")
+    if cfg.max_frames < cfg.min_frames:
+        problems.append(f"dataset.max_frames={cfg.max_frames} must be >= dataset.min_frames={cfg.min_frames}")
+    if cfg.condition_length < 1:
+        problems.append(f"dataset.condition_length={cfg.condition_length} must be >= 1")
+    if encoder_width < 1:
+        problems.append(f"encoder_width={encoder_width} must be >= 1 (the model's encoder_hidden_size)")
+    if problems:
+        raise ValueError("synthetic dataset: " + "; ".join(problems))
+
+
+class _FixedParts:
+    """Dataset-wide tensors drawn once from `seed`: channel mixing, condition projection, silence source."""
+
+    def __init__(self, seed: int, max_frames: int, condition_length: int, encoder_width: int) -> None:
+        g = _generator(seed * 1_000_003)
+        k, c = NUM_COMPONENTS, LATENT_CHANNELS
+        mix = torch.randn(k, c, generator=g)                                        # [K, 64]
+        # Analytic unit variance per channel: Var(a sin(.)) = E[a^2] / 2 for a ~ U[lo, hi], phase uniform.
+        lo, hi = AMP_RANGE
+        component_var = ((hi - lo) ** 2 / 12 + ((lo + hi) / 2) ** 2) / 2
+        channel_var = (mix**2).sum(0) * component_var                             # [64]
+        self.mix = mix * torch.sqrt((1 - TARGET_NOISE**2) / channel_var)            # [K, 64]
+        num_params = 4 * k
+        self.proj = torch.randn(num_params, encoder_width, generator=g) / math.sqrt(num_params)  # [P, H]
+        self.token_pattern = 0.1 * torch.randn(condition_length, encoder_width, generator=g)     # [L, H]
+        offset = 0.5 * torch.randn(1, c, generator=g)                               # [1, 64]
+        self.silence = offset + 0.05 * torch.randn(max_frames, c, generator=g)      # [max_frames, 64]
+
+
+def _make_one(i: int, cfg: DatasetConfig, fixed: _FixedParts, encoder_width: int) -> Sample:
+    g = _generator(cfg.seed * 1_000_003 + 7919 * (i + 1))
+    k = NUM_COMPONENTS
+    t_len = int(torch.randint(cfg.min_frames, cfg.max_frames + 1, (1,), generator=g))
+    freq = _uniform(g, k, *FREQ_RANGE)                                              # [K]
+    phase = _uniform(g, k, 0.0, 2 * math.pi)                                        # [K]
+    amp = _uniform(g, k, *AMP_RANGE)                                                # [K]
+
+    frames = torch.arange(t_len, dtype=torch.float32)[:, None]                      # [T, 1]
+    waves = amp * torch.sin(2 * math.pi * freq * frames + phase)                    # [T, K]
+    target = waves @ fixed.mix + TARGET_NOISE * torch.randn(t_len, LATENT_CHANNELS, generator=g)  # [T, 64]
+
+    # Parameters scaled to roughly zero mean / unit variance before the projection.
+    f_lo, f_hi = FREQ_RANGE
+    a_lo, a_hi = AMP_RANGE
+    params = torch.cat(
+        [
+            (freq - (f_lo + f_hi) / 2) / ((f_hi - f_lo) / math.sqrt(12)),
+            math.sqrt(2) * torch.sin(phase),
+            math.sqrt(2) * torch.cos(phase),
+            (amp - (a_lo + a_hi) / 2) / ((a_hi - a_lo) / math.sqrt(12)),
+        ]
+    )                                                                               # [P]
+    length = cfg.condition_length
+    cond = (params @ fixed.proj)[None, :] + fixed.token_pattern                     # [L, H]
+    cond = cond + CONDITION_NOISE * torch.randn(length, encoder_width, generator=g)
+
+    context = torch.cat([fixed.silence[:t_len], torch.ones(t_len, LATENT_CHANNELS)], dim=-1)  # [T, 128]
+    return Sample(
+        key=f"synthetic_{i:05d}",
+        target_latents=target.float().contiguous(),
+        attention_mask=torch.ones(t_len, dtype=torch.float32),
+        encoder_hidden_states=cond.float().contiguous(),
+        encoder_attention_mask=torch.ones(length, dtype=torch.float32),
+        context_latents=context.float().contiguous(),
+    )
+
+
+def make_synthetic_samples(cfg: DatasetConfig, encoder_width: int) -> list[Sample]:
+    """`cfg.num_samples` samples: T uniform in [min_frames, max_frames], L = condition_length, H = encoder_width.
+
+    Shapes (float32): target_latents [T, 64], attention_mask [T] ones, encoder_hidden_states [L, H],
+    encoder_attention_mask [L] ones, context_latents [T, 128].
+    """
+    _check(cfg, encoder_width)
+    fixed = _FixedParts(cfg.seed, cfg.max_frames, cfg.condition_length, encoder_width)
+    return [_make_one(i, cfg, fixed, encoder_width) for i in range(cfg.num_samples)]

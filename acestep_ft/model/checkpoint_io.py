@@ -1,0 +1,247 @@
+"""Reading and writing full ACE-Step 1.5 checkpoints in the official layout.
+
+Accepted inputs for `cfg.path`: an official DiT directory (`config.json` + `model.safetensors`, or
+`model.safetensors.index.json` + shards), or a single `*.safetensors` file holding the full state dict (ComfyUI's
+`models/diffusion_models/*.safetensors`; no config.json is read then). Everything is checked before any weight is
+read: config.json architecture fields against `cfg`, then every key and shape against the model `cfg` describes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .acestep import AceStepModel, encoder_dims
+from .layers import layer_types
+from .variants import build_meta_model, describe_size, guess_variant, modeling_module
+
+log = logging.getLogger(__name__)
+
+# config.json fields that define the architecture, with the official AceStepConfig defaults used when a field is absent.
+ARCH_DEFAULTS: Dict[str, Any] = {
+    "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 128, "in_channels": 192, "audio_acoustic_hidden_dim": 64, "patch_size": 2,
+    "text_hidden_dim": 1024, "timbre_hidden_dim": 64, "num_lyric_encoder_hidden_layers": 8,
+    "num_timbre_encoder_hidden_layers": 4, "num_attention_pooler_hidden_layers": 2, "pool_window_size": 5,
+    "fsq_dim": 2048, "fsq_input_levels": [8, 8, 8, 5, 5, 5], "fsq_input_num_quantizers": 1,
+    "rope_theta": 1_000_000, "use_sliding_window": True, "sliding_window": 128, "rms_norm_eps": 1e-6,
+}
+ENCODER_FIELDS = ("encoder_hidden_size", "encoder_intermediate_size", "encoder_num_attention_heads",
+                  "encoder_num_key_value_heads")
+# Fields our implementation hard-codes; a config.json asking for anything else cannot be reproduced.
+FIXED_FIELDS: Dict[str, Any] = {"attention_bias": False, "hidden_act": "silu", "rope_scaling": None}
+# Not architecture, but worth a warning when they disagree (training timesteps, exported metadata).
+SOFT_FIELDS = ("timestep_mu", "timestep_sigma", "model_version", "timbre_fix_frame", "max_position_embeddings")
+CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
+SUPPORT_FILES = ("configuration_acestep_v15.py", "apg_guidance.py", "silence_latent.pt")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def config_differences(cfg: Any, official: Mapping[str, Any]) -> List[str]:
+    """Architecture fields of an official config.json that disagree with `cfg`, as "field: file=X, config=Y"."""
+    diffs = []
+
+    def check(name: str, file_value: Any, cfg_value: Any) -> None:
+        if not _same(file_value, cfg_value):
+            diffs.append(f"{name}: checkpoint={file_value!r}, config={cfg_value!r}")
+
+    for name, default in ARCH_DEFAULTS.items():
+        if name == "sliding_window" and not official.get("use_sliding_window", True) and not cfg.use_sliding_window:
+            continue  # no band at all, the width is irrelevant
+        cfg_value = list(cfg.fsq_input_levels) if name == "fsq_input_levels" else getattr(cfg, name)
+        check(name, official.get(name, default), cfg_value)
+    ed = encoder_dims(cfg)
+    mine = dict(zip(ENCODER_FIELDS, (ed.hidden_size, ed.intermediate_size, ed.num_heads, ed.num_kv_heads)))
+    decoder_value = dict(zip(ENCODER_FIELDS, ("hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads")))
+    for name in ENCODER_FIELDS:
+        file_value = official.get(name) or official.get(decoder_value[name], ARCH_DEFAULTS[decoder_value[name]])
+        check(name, file_value, mine[name])
+    if official.get("layer_types") is not None and len(official["layer_types"]) == cfg.num_hidden_layers:
+        check("layer_types", list(official["layer_types"]), layer_types(cfg.num_hidden_layers))
+    for name, fixed in FIXED_FIELDS.items():
+        if name in official and official[name] != fixed:
+            diffs.append(f"{name}: checkpoint={official[name]!r}, supported={fixed!r}")
+    if "is_turbo" in official:
+        check("is_turbo", bool(official["is_turbo"]), bool(cfg.is_turbo))
+    auto_model = (official.get("auto_map") or {}).get("AutoModel", "")
+    if auto_model:  # XL modeling files prepend the timbre CLS token, 2B files do not
+        check("timbre_special_token (from auto_map)", "_xl_" in auto_model, bool(cfg.timbre_special_token))
+    return diffs
+
+
+def _weight_files(path: Path) -> Tuple[List[Path], Optional[Path]]:
+    """-> (safetensors files, config.json or None)."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: expected a directory or a .safetensors file")
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME} (an official ACE-Step DiT directory has one)")
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME], config
+    if (path / INDEX_NAME).is_file():
+        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))], config
+    present = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; found {present}")
+
+
+def _read_shapes(files: Sequence[Path]) -> Dict[str, Tuple[Tuple[int, ...], Path]]:
+    shapes: Dict[str, Tuple[Tuple[int, ...], Path]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = (tuple(f.get_slice(key).get_shape()), file)
+    return shapes
+
+
+def _check_keys(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]], where: str) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: checkpoint {list(found[k])} vs model {list(expected[k])}"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return
+
+    def head(items: List[str]) -> str:
+        return "".join(f"\n    {item}" for item in items[:10]) + ("\n    ..." if len(items) > 10 else "")
+
+    raise ValueError(
+        f"{where} does not match the configured model strictly.\n"
+        f"  missing keys ({len(missing)}):{head(missing)}\n"
+        f"  unexpected keys ({len(unexpected)}):{head(unexpected)}\n"
+        f"  shape mismatches ({len(wrong)}):{head(wrong)}\n"
+        f"  the checkpoint looks like: {guess_variant(found)}; the config describes: {guess_variant(expected)}"
+    )
+
+
+def load_model(cfg: Any, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> AceStepModel:
+    """Build an `AceStepModel` from `cfg`; weights from `cfg.path`, or random init if it is None.
+
+    Random init uses torch's global RNG on the CPU (seed torch before calling for reproducible weights).
+    Loading builds the model on the meta device and assigns the checkpoint tensors (cast to `dtype`, moved to
+    `device`) so a full-size model is allocated once. Raises ValueError on any config.json architecture difference or
+    any missing / unexpected / mis-shaped key.
+    """
+    if cfg.path is None:
+        return AceStepModel(cfg).to(device=device, dtype=dtype)
+    path = Path(os.path.expanduser(str(cfg.path)))
+    files, config_file = _weight_files(path)
+    official = json.loads(config_file.read_text()) if config_file else None
+    if official is not None:
+        diffs = config_differences(cfg, official)
+        if diffs:
+            looks_like = describe_size(official.get("num_hidden_layers", ARCH_DEFAULTS["num_hidden_layers"]),
+                                       official.get("hidden_size", ARCH_DEFAULTS["hidden_size"]))
+            raise ValueError(
+                f"{config_file} disagrees with the model config (variant={cfg.variant!r}) on:\n  " + "\n  ".join(diffs)
+                + f"\nThe checkpoint looks like {looks_like}; the config describes "
+                + f"{describe_size(cfg.num_hidden_layers, cfg.hidden_size)}. Pick the model config that matches it.")
+        for name in SOFT_FIELDS:
+            if name in official and not _same(official[name], getattr(cfg, name)):
+                log.warning("%s: %s=%r in the checkpoint, %r in the config (config wins)", path, name,
+                            official[name], getattr(cfg, name))
+    model = build_meta_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = _read_shapes(files)
+    _check_keys(expected, {k: s for k, (s, _) in found.items()}, str(path))
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # one tensor at a time: cast + move before reading the next
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    left_on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:  # cannot happen with a strict key check, but a meta tensor would fail much later and obscurely
+        raise RuntimeError(f"tensors left on the meta device after loading: {left_on_meta[:5]}")
+    model.source_config = official
+    model.source_path = str(path)
+    return model
+
+
+def official_config(model: AceStepModel, dtype: torch.dtype = torch.bfloat16) -> Dict[str, Any]:
+    """The config.json an official loader (`AutoModel.from_pretrained(..., trust_remote_code=True)`) expects."""
+    cfg = model.cfg
+    out: Dict[str, Any] = dict(model.source_config or {})
+    for name in ARCH_DEFAULTS:
+        value = getattr(cfg, name)
+        out[name] = list(value) if name == "fsq_input_levels" else value
+    out["sliding_window"] = cfg.sliding_window if cfg.use_sliding_window else None
+    for name in ENCODER_FIELDS:
+        if getattr(cfg, name) is not None:
+            out[name] = getattr(cfg, name)
+    dtype_name = str(dtype).replace("torch.", "")
+    out.update(FIXED_FIELDS)
+    out.update(
+        architectures=["AceStepConditionGenerationModel"],
+        auto_map={"AutoConfig": "configuration_acestep_v15.AceStepConfig",
+                  "AutoModel": f"{modeling_module(cfg)}.AceStepConditionGenerationModel"},
+        model_type="acestep", dtype=dtype_name, torch_dtype=dtype_name,
+        layer_types=layer_types(cfg.num_hidden_layers), is_turbo=bool(cfg.is_turbo),
+        model_version=cfg.model_version, timestep_mu=cfg.timestep_mu, timestep_sigma=cfg.timestep_sigma,
+        timbre_fix_frame=cfg.timbre_fix_frame, max_position_embeddings=cfg.max_position_embeddings,
+    )
+    for name, default in (("attention_dropout", 0.0), ("data_proportion", 0.5), ("vocab_size", 64003),
+                          ("initializer_range", 0.02), ("use_cache", True), ("tie_word_embeddings", True),
+                          ("num_audio_decoder_hidden_layers", cfg.num_hidden_layers)):
+        out.setdefault(name, default)
+    return out
+
+
+def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `directory/config.json` + `directory/model.safetensors` (full state dict in `dtype`), atomically.
+
+    Everything is written into a temporary sibling directory that then replaces `directory` (an existing one is
+    moved aside first and deleted after the swap), so readers never see a half-written checkpoint. Support files of
+    the source directory (`configuration_acestep_v15.py`, `modeling_*.py`, `apg_guidance.py`, `silence_latent.pt`)
+    are copied when the model was loaded from one, so the result also loads with the official code.
+    """
+    target = Path(directory)
+    expected = {k for k, _ in build_meta_model(model.cfg).state_dict().items()}
+    state = model.state_dict()
+    if set(state) != expected:
+        extra = sorted(set(state) - expected)[:5]
+        raise ValueError(f"model state dict has keys outside the official layout (merge adapters first?): {extra}")
+    tensors = {k: v.detach().to(device="cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(official_config(model, dtype), indent=2, sort_keys=True) + "\n")
+        source = getattr(model, "source_path", None)
+        if source and Path(source).is_dir():
+            for item in Path(source).iterdir():
+                if item.name in SUPPORT_FILES or (item.name.startswith("modeling_") and item.suffix == ".py"):
+                    shutil.copy2(item, tmp / item.name)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,166 @@
+"""The ACE-Step 1.5 DiT (`decoder.*` keys): the flow-matching velocity network that training updates.
+
+Data flow: `cat([context_latents, x_t])` [B,T,192] -> zero-pad T to a multiple of patch_size -> `proj_in` Conv1d patchify
+[B,T/2,H] -> N DiT layers (adaLN-modulated self-attention with RoPE, plain cross-attention to the projected condition,
+adaLN-modulated SwiGLU) -> adaLN `norm_out` -> `proj_out` ConvTranspose1d unpatchify -> crop to T -> v [B,T,64].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import MLP, Attention, RMSNorm, RotaryEmbedding, StackDims, band_mask, combine_masks
+
+
+class Transpose12(nn.Module):
+    """[B, A, C] <-> [B, C, A]; a parameter-free stand-in for the official `Lambda` so that the convolution sits at
+    index 1 of `proj_in` / `proj_out` (keys `decoder.proj_in.1.weight`, ...)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class TimestepEmbedding(nn.Module):
+    """t -> sinusoid(t * 1000, 256 ch, [cos, sin]) -> MLP -> temb [B, H] and the 6 adaLN vectors [B, 6, H]."""
+
+    def __init__(self, hidden_size: int, in_channels: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.in_channels, self.scale = in_channels, scale
+        self.linear_1 = nn.Linear(in_channels, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.time_proj = nn.Linear(hidden_size, hidden_size * 6)
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.in_channels // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = (t * self.scale)[:, None].float() * freqs[None]  # [B, 128]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 256]
+
+    def forward(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        temb = self.linear_2(F.silu(self.linear_1(self.sinusoid(t).to(t.dtype))))  # [B, H]
+        proj = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # [B, 6, H]
+        return temb, proj
+
+
+class DiTLayer(nn.Module):
+    """adaLN self-attention (gated) -> cross-attention (ungated, unmodulated) -> adaLN SwiGLU (gated)."""
+
+    def __init__(self, dims: StackDims):
+        super().__init__()
+        h = dims.hidden_size
+        # Learned offsets added to the timestep projection: (shift, scale, gate) for attention and for the MLP.
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, h) / h**0.5)
+        self.self_attn_norm = RMSNorm(h, dims.rms_norm_eps)
+        self.self_attn = Attention(dims)
+        self.cross_attn_norm = RMSNorm(h, dims.rms_norm_eps)
+        self.cross_attn = Attention(dims)
+        self.mlp_norm = RMSNorm(h, dims.rms_norm_eps)
+        self.mlp = MLP(h, dims.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, Tp, H]
+        rope: Tuple[torch.Tensor, torch.Tensor],
+        temb_proj: torch.Tensor,  # [B, 6, H]
+        self_mask: Optional[torch.Tensor],
+        cond: torch.Tensor,  # [B, L, H] (already condition_embedder'ed)
+        cross_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb_proj).chunk(6, dim=1)  # [B,1,H]
+        h = (self.self_attn_norm(x) * (1 + scale) + shift).type_as(x)
+        x = (x + self.self_attn(h, rope=rope, mask=self_mask) * gate).type_as(x)
+        x = x + self.cross_attn(self.cross_attn_norm(x).type_as(x), kv=cond, mask=cross_mask)
+        h = (self.mlp_norm(x) * (1 + c_scale) + c_shift).type_as(x)
+        return (x + self.mlp(h) * c_gate).type_as(x)
+
+
+class AceStepDiTModel(nn.Module):
+    """The DiT decoder. Attribute order mirrors the official module so `state_dict()` key order matches too.
+
+    Set `gradient_checkpointing = True` to recompute each DiT layer in the backward pass (training mode only;
+    non-reentrant torch.utils.checkpoint, so it composes with PEFT adapters and frozen base weights).
+    """
+
+    def __init__(self, dims: StackDims, num_layers: int, in_channels: int, out_channels: int, patch_size: int,
+                 condition_dim: int):
+        super().__init__()
+        h = dims.hidden_size
+        self.dims, self.patch_size = dims, patch_size
+        self.gradient_checkpointing = False
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, h) / h**0.5)  # final adaLN (shift, scale)
+        self.rotary_emb = RotaryEmbedding(dims.head_dim, dims.rope_theta)
+        self.layers = nn.ModuleList([DiTLayer(dims) for _ in range(num_layers)])
+        self.proj_in = nn.Sequential(
+            Transpose12(), nn.Conv1d(in_channels, h, kernel_size=patch_size, stride=patch_size), Transpose12()
+        )
+        self.time_embed = TimestepEmbedding(h)
+        self.time_embed_r = TimestepEmbedding(h)
+        self.condition_embedder = nn.Linear(condition_dim, h)
+        self.norm_out = RMSNorm(h, dims.rms_norm_eps)
+        # ConvTranspose1d weight is [in=H, out=64, k]; stride == kernel, so each patch expands to patch_size frames.
+        self.proj_out = nn.Sequential(
+            Transpose12(), nn.ConvTranspose1d(h, out_channels, kernel_size=patch_size, stride=patch_size), Transpose12()
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, T, 64] x_t
+        timestep: torch.Tensor,  # [B]
+        timestep_r: torch.Tensor,  # [B] (= timestep in all official training/inference)
+        encoder_hidden_states: torch.Tensor,  # [B, L, H_enc]
+        context_latents: torch.Tensor,  # [B, T, 128] = cat(src_latents, chunk_masks)
+        attention_mask: Optional[torch.Tensor] = None,  # [B, T] 1 = real frame
+        encoder_attention_mask: Optional[torch.Tensor] = None,  # [B, L] 1 = real token
+    ) -> torch.Tensor:
+        """Predict the flow velocity v ~ noise - x0, [B, T, 64].
+
+        Masks: the official decoder discards both masks (every patch attends to every patch, padding included, and
+        cross-attention sees padded condition tokens). Passing None reproduces that exactly. Passing masks is our
+        opt-in knob: with `attention_mask`, padded frames are zeroed at the input and padded patches (a patch is valid
+        if any of its frames is) are excluded as self-attention keys; with `encoder_attention_mask`, padded condition
+        tokens are excluded as cross-attention keys. Real-frame outputs are then independent of padding content.
+        """
+        temb_t, proj_t = self.time_embed(timestep)
+        # time_embed_r(t - r) is added even when t == r: its constant output is part of the learned function.
+        temb_r, proj_r = self.time_embed_r(timestep - timestep_r)
+        temb, temb_proj = temb_t + temb_r, proj_t + proj_r  # [B, H], [B, 6, H]
+
+        x = torch.cat([context_latents, hidden_states], dim=-1)  # [B, T, 192], context FIRST
+        seq_len = x.shape[1]
+        if attention_mask is not None:
+            x = x * attention_mask[..., None].to(x.dtype)
+        pad = (-seq_len) % self.patch_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # zero frames, as the official code does
+        x = self.proj_in(x)  # [B, Tp, H]
+        cond = self.condition_embedder(encoder_hidden_states)  # [B, L, H]
+
+        n_patches = x.shape[1]
+        patch_valid = None
+        if attention_mask is not None:
+            m = F.pad(attention_mask.bool(), (0, pad), value=False)
+            patch_valid = m.view(m.shape[0], n_patches, self.patch_size).any(-1)  # [B, Tp]
+        full_mask = combine_masks(None, patch_valid)
+        band = None
+        if self.dims.sliding_window is not None:
+            band = combine_masks(band_mask(n_patches, self.dims.sliding_window, x.device), patch_valid)
+        cross_mask = combine_masks(None, encoder_attention_mask)
+        rope = self.rotary_emb(n_patches, x.device, x.dtype)
+
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            self_mask = band if self.dims.layer_is_sliding(i) else full_mask
+            if use_ckpt:
+                x = checkpoint(layer, x, rope, temb_proj, self_mask, cond, cross_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, temb_proj, self_mask, cond, cross_mask)
+
+        shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # [B, 1, H] each
+        x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)
+        return self.proj_out(x)[:, :seq_len]  # [B, T, 64]

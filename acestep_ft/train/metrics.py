@@ -1,0 +1,127 @@
+"""Where metrics go: metrics.jsonl in the run directory always, plus wandb or tensorboard when configured.
+
+Metric names are prefixed by family: `train/` (loss, lr, grad norm), `perf/` (step time, samples/s),
+`mem/` (peak memory), `data/` (input pipeline). Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+from acestep_ft.config import LoggerConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsSink:
+    """Append-only metrics for one run; a resumed run first drops the lines past the step it resumes from."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        choices: Mapping[str, str],
+        config: Dict,
+        resume_step: Optional[int] = None,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._wandb = None
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        match cfg.backend:
+            case "wandb":
+                import wandb
+
+                tags = [f"{group}={choice}" for group, choice in sorted(choices.items())] + list(cfg.tags)
+                group = ",".join(f"{g}={choices[g]}" for g in ("model", "mode") if g in choices)
+                self._wandb = wandb.init(
+                    project=cfg.project,
+                    entity=cfg.entity,
+                    group=group or None,
+                    tags=tags,
+                    config=config,
+                    dir=str(run_dir),
+                    name=Path(run_dir).name,
+                    resume="allow",
+                    id=wandb_run_id(Path(run_dir)),
+                )
+            case "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            case "none":
+                pass
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A stable wandb id per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / ".wandb_id"
+    if not id_file.exists():
+        id_file.write_text(os.urandom(6).hex())
+    return id_file.read_text().strip()
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only records with step <= `step` (a resumed run rewrites what came after)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def plot_loss(path: Path, out_png: Path) -> None:
+    """loss_curve.png: per-step loss and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(path) if "train/loss" in r]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    losses = [r["train/loss"] for r in records]
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"running mean ({window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,43 @@
+"""One training micro-step as a function: batch in, scalar loss out (no optimizer, no logging)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from acestep_ft.config import ObjectiveConfig
+from acestep_ft.data.batch import Batch
+from acestep_ft.train.objective import apply_cfg_dropout, draw, flow_loss, interpolate, velocity_target
+
+
+def flow_matching_loss(
+    decoder: Callable[..., Tensor],
+    null_embedding: Tensor,
+    batch: Batch,
+    cfg: ObjectiveConfig,
+    timestep_mu: float,
+    timestep_sigma: float,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """The official training forward on precomputed conditions (official `forward`, ACESTEP15.md section d).
+
+    `decoder` is the DiT (possibly wrapped by PEFT / Accelerate); `null_embedding` [1, 1, H_enc] replaces the
+    condition of CFG-dropped samples. Masks reach the decoder and the loss only when the objective asks for them.
+    """
+    x0 = batch.target_latents  # [B, T, 64]
+    d = draw(x0, cfg.cfg_ratio, cfg.timesteps, timestep_mu, timestep_sigma, generator)
+    condition = apply_cfg_dropout(batch.encoder_hidden_states, null_embedding, d.cfg_keep)  # [B, L, H_enc]
+    masks = {}
+    if cfg.attention_mask:
+        masks = {"attention_mask": batch.attention_mask, "encoder_attention_mask": batch.encoder_attention_mask}
+    pred = decoder(
+        hidden_states=interpolate(x0, d.noise, d.t),
+        timestep=d.t,
+        timestep_r=d.t,
+        encoder_hidden_states=condition,
+        context_latents=batch.context_latents,
+        **masks,
+    )
+    return flow_loss(pred, velocity_target(x0, d.noise), batch.attention_mask if cfg.loss_mask else None)

@@ -1,0 +1,30 @@
+"""Regenerate tests/assets/golden_losses.json on purpose (after a deliberate change of the numerics).
+
+    python scripts/update_golden.py
+
+Runs train.py with the overrides stored in the golden file (or the defaults below) and records its losses.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
+DEFAULT_OVERRIDES = ["train.max_steps=12", "train.save_every=6", "dataset.num_samples=8"]
+
+
+def main() -> None:
+    overrides = json.loads(GOLDEN.read_text())["overrides"] if GOLDEN.exists() else DEFAULT_OVERRIDES
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "train.py", f"hydra.run.dir={tmp}", *overrides], cwd=ROOT, check=True)
+        lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["train/loss"] for line in lines if line.strip()]
+    GOLDEN.write_text(json.dumps({"overrides": overrides, "losses": losses}, indent=1) + "\n")
+    print(f"wrote {len(losses)} losses to {GOLDEN.relative_to(ROOT)}: {losses[0]:.5f} -> {losses[-1]:.5f}")
+
+
+if __name__ == "__main__":
+    main()
