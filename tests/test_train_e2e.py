@@ -55,3 +55,42 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
     assert "resumed from" in proc.stdout
     assert losses(parts) == losses(whole)  # exact, not approximate
     assert len(losses(whole)) == 8
+
+
+def run_quick(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
+    where = f"hydra.sweep.dir={tmp}" if multirun else f"hydra.run.dir={tmp}"
+    cmd = [sys.executable, "train.py", *args, where, "train.max_steps=2", "train.plot=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_wandb_offline_and_tensorboard(tmp_path):
+    run_quick(tmp_path / "wb", "logger=wandb")
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    run_quick(tmp_path / "tb", "logger=tensorboard")
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_multirun_jobs_get_distinct_directories(tmp_path):
+    run_quick(tmp_path, "-m", "optim.lr=1e-4,3e-4", multirun=True)
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert len(jobs) == 2
+    lrs = {read_metrics(j / "metrics.jsonl")[-1]["train/lr"] for j in jobs}
+    assert len(lrs) == 2
+
+
+def test_experiment_grid_runs(tmp_path):
+    run_quick(tmp_path, "-cd", "experiments", "-cn", "lora_rank_lr_grid", "-m", multirun=True)
+    jobs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
+    assert len(jobs) == 4  # mode.rank x optim.lr
+    ranks = {(j / ".hydra" / "overrides.yaml").read_text().count("mode.rank=16") for j in jobs}
+    assert ranks == {0, 1}
+
+
+def test_bad_config_fails_fast_with_hydra_message(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "mode=full", "mode.rank=4", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank" in proc.stderr and not (tmp_path / "metrics.jsonl").exists()

@@ -40,12 +40,11 @@ class MetricsSink:
             case "wandb":
                 import wandb
 
-                tags = [f"{group}={choice}" for group, choice in sorted(choices.items())] + list(cfg.tags)
-                group = ",".join(f"{g}={choices[g]}" for g in ("model", "mode") if g in choices)
+                group, tags = wandb_group_and_tags(choices, cfg.tags)
                 self._wandb = wandb.init(
                     project=cfg.project,
                     entity=cfg.entity,
-                    group=group or None,
+                    group=group,
                     tags=tags,
                     config=config,
                     dir=str(run_dir),
@@ -76,6 +75,13 @@ class MetricsSink:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def wandb_group_and_tags(choices: Mapping[str, str], extra_tags: List[str]) -> tuple[Optional[str], List[str]]:
+    """wandb group from the model and mode choices ("model=tiny,mode=lora"); one tag per Hydra group choice."""
+    group = ",".join(f"{g}={choices[g]}" for g in ("model", "mode") if g in choices)
+    tags = [f"{g}={c}" for g, c in sorted(choices.items())] + list(extra_tags)
+    return group or None, tags
 
 
 def wandb_run_id(run_dir: Path) -> str:
