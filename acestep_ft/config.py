@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -19,11 +19,6 @@ from omegaconf import MISSING
 class AttnImplementation(StrEnum):
     sdpa = "sdpa"
     eager = "eager"
-
-
-class DatasetKind(StrEnum):
-    synthetic = "synthetic"
-    pt = "pt"
 
 
 class CachePolicy(StrEnum):
@@ -136,8 +131,7 @@ class ModelConfig:
 class LoraMode:
     """Train a PEFT LoRA adapter on the DiT decoder; everything else frozen."""
 
-    name: str = "lora"
-    """Mode tag (do not change)."""
+    name: ClassVar[str] = "lora"
     rank: int = 64
     """LoRA rank r."""
     alpha: float = 128.0
@@ -152,32 +146,44 @@ class LoraMode:
 class FullMode:
     """Train every weight of the DiT decoder; condition encoder, tokenizer and detokenizer frozen."""
 
-    name: str = "full"
-    """Mode tag (do not change)."""
+    name: ClassVar[str] = "full"
     i_understand_vram_risk: bool = False
     """Full fine-tuning needs ~4x the weights in memory; set true to confirm."""
 
 
 @dataclass
 class DatasetConfig:
-    """Where training samples come from."""
+    """What every dataset option has; each option below adds its own fields (a field of another option is an error)."""
 
-    kind: DatasetKind = DatasetKind.synthetic
-    """synthetic = deterministic generated data; pt = a directory of per-sample .pt files (official/Side-Step)."""
-    path: Optional[str] = MISSING
-    """Dataset directory for kind=pt (manifest.json or *.pt files); must be given for kind=pt."""
-    num_samples: int = 16
-    """Synthetic: number of samples."""
-    min_frames: int = 24
-    """Synthetic: shortest latent length (frames at 25 Hz)."""
-    max_frames: int = 48
-    """Synthetic: longest latent length (frames at 25 Hz)."""
-    condition_length: int = 12
-    """Synthetic: encoder_hidden_states length L."""
-    seed: int = 1234
-    """Synthetic: generator seed (the data never depends on train.seed)."""
+    kind: ClassVar[str] = ""
     shuffle: bool = True
     """Shuffle sample order each epoch (seeded by train.seed and the epoch)."""
+
+
+@dataclass
+class SyntheticDataset(DatasetConfig):
+    """Deterministic generated data, learnable by the tiny model (no files needed)."""
+
+    kind: ClassVar[str] = "synthetic"
+    num_samples: int = 32
+    """Number of samples."""
+    min_frames: int = 24
+    """Shortest latent length (frames at 25 Hz)."""
+    max_frames: int = 48
+    """Longest latent length (frames at 25 Hz)."""
+    condition_length: int = 12
+    """encoder_hidden_states length L."""
+    seed: int = 1234
+    """Generator seed (the data never depends on train.seed)."""
+
+
+@dataclass
+class PtDataset(DatasetConfig):
+    """A directory of per-sample .pt files written by the official ACE-Step or the Side-Step preprocessor."""
+
+    kind: ClassVar[str] = "pt"
+    path: str = MISSING
+    """Dataset directory (manifest.json, preprocess_meta.json, or just *.pt files)."""
 
 
 @dataclass
@@ -216,18 +222,14 @@ class OptimConfig:
 class HardwareConfig:
     """Devices and precision (Accelerate owns placement and autocast)."""
 
-    name: str = "cpu"
-    """Preset name."""
     cpu: bool = True
     """Force CPU even where a GPU is present."""
     mixed_precision: MixedPrecision = MixedPrecision.no
     """Autocast precision; master weights stay fp32."""
     batch_size: int = 4
     """Samples per micro-batch per process."""
-    num_workers: int = 0
-    """DataLoader worker processes (0 is fastest on small machines)."""
-    memory_gb: float = 0.0
-    """Device memory budget in GiB (0 = unknown); used by the memory preflight."""
+    gradient_checkpointing: bool = False
+    """Recompute each DiT layer's activations in the backward pass: less memory, ~30% more compute."""
 
 
 @dataclass
@@ -276,9 +278,11 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept in the run directory (older ones are deleted)."""
     resume: Optional[str] = None
-    """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint path."""
+    """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint / run directory path."""
+    resume_strict: bool = True
+    """Refuse to resume when the model, mode, data, optimizer, objective or batch setup differs from the checkpoint's."""
     stop_at_step: Optional[int] = None
-    """Stop (after saving) at this step without finishing the schedule; for interrupted-run tests."""
+    """Save and stop at this step, keeping max_steps' schedule (split a run across job time limits)."""
     plot: bool = True
     """Write loss_curve.png into the run directory at the end."""
 
@@ -289,17 +293,13 @@ class Config:
 
     model: ModelConfig = MISSING
     mode: Any = MISSING
-    dataset: DatasetConfig = MISSING
+    dataset: Any = MISSING
     cache: CacheConfig = MISSING
     optim: OptimConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run_dir: str = "."
-    """Output directory of the run (Hydra sets it to the job directory)."""
-    choices: Any = field(default_factory=dict)
-    """Hydra group choices of this run (filled in from hydra:runtime.choices; used for logger tags)."""
 
 
 def register_configs() -> None:
@@ -309,7 +309,8 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="mode", name="base_lora", node=LoraMode)
     cs.store(group="mode", name="base_full", node=FullMode)
-    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
+    cs.store(group="dataset", name="base_synthetic", node=SyntheticDataset)
+    cs.store(group="dataset", name="base_pt", node=PtDataset)
     cs.store(group="cache", name="base_cache", node=CacheConfig)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)

@@ -6,19 +6,21 @@ resume -> loop -> final save and loss plot.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import os
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
 
-from acestep_ft.config import Config, FullMode
-from acestep_ft.data.dataset import build_dataset
-from acestep_ft.data.sampler import EpochBatchSampler
+from acestep_ft.config import Config, FullMode, LoraMode, MixedPrecision, PtDataset
+from acestep_ft.data import BatchStream, EpochBatchSampler, build_dataset
 from acestep_ft.model import load_model, save_full_model
+from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, signature,
 )
@@ -28,8 +30,17 @@ from acestep_ft.train.optim import build_optimizer, build_scheduler
 from acestep_ft.train.trainable import count_parameters, make_trainable
 
 
-def check_config(cfg: Config) -> None:
-    """Problems visible from the config alone, all reported at once before any weights load."""
+def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
+    """Targets that match no Linear of the decoder under PEFT's rule (name == t or name ends with "." + t)."""
+    names = [n for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """Problems visible without loading weights, all reported at once, each with its fix.
+
+    Returns the checkpoint to resume from (None for a fresh start).
+    """
     problems = []
     if isinstance(cfg.mode, FullMode) and not cfg.mode.i_understand_vram_risk and cfg.model.variant != "tiny":
         problems.append(
@@ -38,39 +49,82 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.model.path is None and cfg.model.variant != "tiny":
         problems.append(
-            f"model={cfg.model.variant} needs its weights: set model.path=/path/to/checkpoint-dir "
+            f"model variant {cfg.model.variant!r} needs its weights: set model.path=/path/to/checkpoint-dir "
             f"(the directory with config.json and model.safetensors). Random init is only for model=tiny."
         )
-    if cfg.train.grad_accum < 1 or cfg.hardware.batch_size < 1 or cfg.train.max_steps < 1:
-        problems.append("train.grad_accum, hardware.batch_size and train.max_steps must be >= 1")
+    if cfg.model.path is not None and not Path(os.path.expanduser(cfg.model.path)).exists():
+        problems.append(f"model.path={cfg.model.path} does not exist.")
+    if isinstance(cfg.dataset, PtDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
+        problems.append(f"dataset.path={cfg.dataset.path} does not exist: give the preprocessed tensor directory.")
+    for name, value in [("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
+                        ("train.save_every", cfg.train.save_every), ("train.log_every", cfg.train.log_every),
+                        ("hardware.batch_size", cfg.hardware.batch_size)]:
+        if value < 1:
+            problems.append(f"{name}={value} must be >= 1.")
+    if cfg.train.stop_at_step is not None and not 0 < cfg.train.stop_at_step <= cfg.train.max_steps:
+        problems.append(f"train.stop_at_step={cfg.train.stop_at_step} must be in 1..train.max_steps.")
+    if not cfg.hardware.cpu and not torch.cuda.is_available():
+        problems.append("hardware.cpu=false but no CUDA GPU is visible: use hardware=cpu, or check the CUDA "
+                        "install (torch.cuda.is_available() is False).")
+    if cfg.hardware.mixed_precision == MixedPrecision.fp16 and cfg.hardware.cpu:
+        problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    if isinstance(cfg.mode, LoraMode):
+        missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
+        if missing:
+            problems.append(f"mode.target_modules {missing} match no Linear layer of the decoder; valid names "
+                            "include q_proj, k_proj, v_proj, o_proj (self_attn./cross_attn. prefixes allowed), "
+                            "gate_proj, up_proj, down_proj, condition_embedder.")
+    resume_from = None
+    try:
+        resume_from = resolve_resume(cfg.train.resume, run_dir)
+    except FileNotFoundError as err:
+        problems.append(str(err))
     if problems:
         raise SystemExit("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
+    return resume_from
 
 
-def train(cfg: Config) -> List[float]:
-    """Train one run into `cfg.run_dir`; returns the per-step losses of this invocation."""
-    check_config(cfg)
-    run_dir = Path(cfg.run_dir)
+def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
+    def walk(node: Any, prefix: str) -> Dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    flat = walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
+    return flat
+
+
+def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]] = None) -> List[float]:
+    """Train one run into `run_dir`; returns the per-step losses of this invocation.
+
+    `choices` are the Hydra group choices (model=..., mode=...), used for logger groups and tags.
+    """
+    run_dir = Path(run_dir)
+    resume_from = check_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = Accelerator(
         cpu=cfg.hardware.cpu,
-        mixed_precision=cfg.hardware.mixed_precision,
+        mixed_precision=str(cfg.hardware.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
     )
     print0 = acc.print
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    set_seed(cfg.train.seed)
+    flat = flat_config(cfg, acc.num_processes)
+    set_seed(cfg.train.seed, device_specific=True)  # seed + rank: each process draws its own noise
 
     model = load_model(cfg.model)
+    model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
     trainable, total = count_parameters(model)
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
 
     source = build_dataset(cfg.dataset, cfg.cache, encoder_width=model.null_condition_emb.shape[-1])
-    sampler = EpochBatchSampler(len(source), cfg.hardware.batch_size, seed=cfg.train.seed,
-                                shuffle=cfg.dataset.shuffle, rank=acc.process_index,
-                                world_size=acc.num_processes)
+    batches = BatchStream(source, EpochBatchSampler(
+        len(source), cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
+        rank=acc.process_index, world_size=acc.num_processes))
     print0(f"data: {len(source)} samples ({cfg.dataset.kind}), batch {cfg.hardware.batch_size} x accum "
            f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device}, "
            f"precision {cfg.hardware.mixed_precision}")
@@ -78,42 +132,45 @@ def train(cfg: Config) -> List[float]:
     optimizer = build_optimizer(decoder, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
 
-    start_step = 0
-    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    start_step, state = 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, decoder, cfg.mode.name)
+        state = load_checkpoint(resume_from, decoder, cfg.mode.name, flat, cfg.train.resume_strict)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
-        sampler.load_state_dict(state.sampler)
+        batches.load_state_dict(state.sampler)
         start_step = state.step
         print0(f"resumed from {resume_from} at step {start_step}")
 
     decoder, optimizer = acc.prepare(decoder, optimizer)
     null_embedding = model.null_condition_emb.detach().to(acc.device)
-    if resume_from is not None:
-        restore_rng(state.rng)  # last, so nothing above consumes random numbers after the restore
+    if state is not None:
+        if state.scaler is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state.scaler)
+        if acc.process_index < len(state.rng):
+            # last, so nothing above consumes random numbers after the restore
+            restore_rng(state.rng[acc.process_index], acc.device)
 
     def save(step: int) -> None:
-        acc.wait_for_everyone()
+        rngs = gather_object([capture_rng(acc.device)])  # collective: every process contributes its RNG
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(decoder)
             path = save_checkpoint(
                 run_dir,
                 TrainingState(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              sampler=sampler.state_dict(), rng=capture_rng(), signature=signature(unwrapped),
-                              mode=cfg.mode.name),
+                              sampler=batches.state_dict(), rng=rngs, signature=signature(unwrapped),
+                              mode=cfg.mode.name, config=flat,
+                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None),
                 unwrapped,
                 save_full=lambda d: save_full_model(model, d, dtype=torch.float32),
                 config_yaml=config_yaml,
                 keep_last=cfg.train.keep_last,
             )
-            tqdm_safe_print(acc, f"checkpoint: {path}")
+            tqdm.write(f"checkpoint: {path}")
         acc.wait_for_everyone()
 
-    sink = MetricsSink(run_dir, cfg.logger, cfg.choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                       resume_step=start_step if resume_from is not None else None,
-                       enabled=acc.is_main_process)
-    parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, source, sampler, cfg.objective,
+    sink = MetricsSink(run_dir, cfg.logger, choices or {}, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                       resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
+    parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, batches, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma)
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
@@ -126,10 +183,3 @@ def train(cfg: Config) -> List[float]:
                f"run directory {run_dir.resolve()}")
     acc.end_training()
     return losses
-
-
-def tqdm_safe_print(acc: Accelerator, message: str) -> None:
-    from tqdm.auto import tqdm
-
-    if acc.is_main_process:
-        tqdm.write(message)

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from acestep_ft.config import Config, FullMode, LoraMode, register_configs
 
@@ -67,6 +67,8 @@ def test_full_mode_has_its_own_schema():
     ["mode=full", "mode.rank=4"],    # a LoRA knob on full mode
     ["optim.lrr=1"],
     ["train.max_step=3"],
+    ["dataset.path=/x"],              # a field of dataset=pt on dataset=synthetic
+    ["mode.name=full"],               # the mode is picked by the group, not a field
     ["objective.timesteps=uniform"], # not one of the Literal choices
     ["mode.rank=lots"],              # wrong type
 ])
@@ -76,7 +78,7 @@ def test_bad_overrides_fail_before_any_work(overrides):
 
 
 def test_pt_dataset_requires_a_path():
-    with pytest.raises(Exception, match="path"):
+    with pytest.raises(MissingMandatoryValue, match=r"full_key: dataset\.path"):
         OmegaConf.to_object(compose_config(["dataset=pt"]))
 
 

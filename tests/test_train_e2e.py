@@ -89,8 +89,34 @@ def test_experiment_grid_runs(tmp_path):
     assert ranks == {0, 1}
 
 
-def test_bad_config_fails_fast_with_hydra_message(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "mode=full", "mode.rank=4", f"hydra.run.dir={tmp_path}"],
+@pytest.mark.parametrize("overrides,message", [
+    (["mode=full", "mode.rank=4"], "Key 'rank' not in 'FullMode'"),
+    (["dataset=pt"], "dataset.path is required"),
+    (["train.save_every=0", "hardware.mixed_precision=fp16"], "train.save_every=0 must be >= 1"),
+])
+def test_bad_config_fails_fast_with_a_clear_message(tmp_path, overrides, message):
+    proc = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "rank" in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_two_process_cpu_run_resumes_exactly(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank keeps its own RNG stream through a stop and resume."""
+    common = ["train.max_steps=6", "train.save_every=3", "dataset.num_samples=10", "hardware.batch_size=2",
+              "train.grad_accum=2", "train.plot=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(run_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train.py", *common, *extra, f"hydra.run.dir={run_dir}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc
+
+    assert "x 2 process(es)" in torchrun(tmp_path / "whole").stdout
+    torchrun(tmp_path / "parts", "train.stop_at_step=2")
+    torchrun(tmp_path / "parts", "train.resume=auto")
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    assert len(losses(tmp_path / "whole")) == 6

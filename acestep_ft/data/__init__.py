@@ -2,7 +2,7 @@
 
     source = build_dataset(cfg.dataset, cfg.cache, encoder_width)
     sampler = EpochBatchSampler(len(source), batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle)
-    batch = collate([source[i] for i in sampler.next_batch()])
+    batches = BatchStream(source, sampler)      # batches.next_batch() -> Batch, resumable
 """
 
 from acestep_ft.data.batch import Batch, Sample
@@ -10,12 +10,14 @@ from acestep_ft.data.cache import CachedSource, LruSampleCache
 from acestep_ft.data.collate import collate
 from acestep_ft.data.dataset import InMemorySource, SampleSource, build_dataset
 from acestep_ft.data.errors import DataError
+from acestep_ft.data.loader import BatchStream
 from acestep_ft.data.pt_format import PtDirectory, read_sample
 from acestep_ft.data.sampler import EpochBatchSampler
 from acestep_ft.data.synthetic import make_synthetic_samples
 
 __all__ = [
     "Batch",
+    "BatchStream",
     "CachedSource",
     "DataError",
     "EpochBatchSampler",

@@ -1,7 +1,7 @@
 """The entry point of the input pipeline: config -> a map-style `SampleSource`.
 
 The training loop does:  indices = sampler.next_batch();  batch = collate([source[i] for i in indices]).
-`dataset.kind` picks where samples come from (synthetic, or a directory of preprocessed `.pt` files) and
+The dataset option (`dataset=synthetic|pt`) picks where samples come from (synthetic, or a directory of preprocessed `.pt` files) and
 `cache.policy` whether decoded samples stay in RAM. Every source returns float32 `Sample`s whose
 encoder_hidden_states width equals the model's `encoder_width`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from typing import Protocol, Sequence, runtime_checkable
 
-from acestep_ft.config import CacheConfig, DatasetConfig
+from acestep_ft.config import CacheConfig, DatasetConfig, PtDataset, SyntheticDataset
 from acestep_ft.data.batch import Sample
 from acestep_ft.data.cache import apply_cache
 from acestep_ft.data.errors import DataError
@@ -57,16 +57,16 @@ def build_dataset(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig, encoder_wi
     `encoder_width` is the model's condition-encoder width H_enc (encoder_hidden_size, or hidden_size when unset);
     `.pt` samples of another width are rejected with a DataError when read.
     """
-    match dataset_cfg.kind:
-        case "synthetic":
+    match dataset_cfg:
+        case SyntheticDataset():
             source: SampleSource = InMemorySource(make_synthetic_samples(dataset_cfg, encoder_width))
-        case "pt":
+        case PtDataset():
             if not dataset_cfg.path:
                 raise DataError(
-                    "dataset.kind=pt needs dataset.path: the directory written by the ACE-Step or Side-Step "
+                    "dataset=pt needs dataset.path: the directory written by the ACE-Step or Side-Step "
                     "preprocessor. Fix: add dataset.path=/path/to/preprocessed_tensors on the command line."
                 )
             source = PtDirectory(dataset_cfg.path, encoder_width)
         case other:
-            raise ValueError(f"unknown dataset.kind={other!r}; choose 'synthetic' or 'pt'")
+            raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or dataset=pt")
     return apply_cache(source, cache_cfg)

@@ -1,10 +1,11 @@
-"""Deterministic synthetic samples that a tiny diffusion transformer can learn in ~100 steps.
+"""Deterministic synthetic samples with structure a small diffusion transformer can learn.
 
 Each sample is described by a few parameters: for each of `NUM_COMPONENTS` sinusoids a frequency, a phase and an
 amplitude. The target latents are those sinusoids over frames, mixed into 64 channels by one fixed low-rank matrix,
 plus a little noise, at roughly unit variance per channel. The condition (`encoder_hidden_states`) is a fixed random
 projection of the same parameters (plus a fixed per-token pattern and a little noise), so the condition tells the
-model what to generate, and a model that reads it can drive the loss well below the unconditional level.
+model what to generate. On the tiny model a full fine-tune takes the flow-matching loss from ~1.9 to ~0.7 in 600
+steps; LoRA on its frozen random base levels off near 1.55 (the frozen output projection bounds its output scale).
 
 Everything depends only on `cfg.seed` (and `encoder_width`), never on the global RNG. Sample `i` also does not
 depend on `cfg.num_samples`: the fixed parts come from one generator and each sample from its own.
@@ -18,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from acestep_ft.config import DatasetConfig
+from acestep_ft.config import SyntheticDataset
 from acestep_ft.data.batch import Sample
 
 LATENT_CHANNELS = 64
@@ -38,7 +39,7 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def _check(cfg: DatasetConfig, encoder_width: int) -> None:
+def _check(cfg: SyntheticDataset, encoder_width: int) -> None:
     problems = []
     if cfg.num_samples < 1:
         problems.append(f"dataset.num_samples={cfg.num_samples} must be >= 1")
@@ -73,7 +74,7 @@ class _FixedParts:
         self.silence = offset + 0.05 * torch.randn(max_frames, c, generator=g)      # [max_frames, 64]
 
 
-def _make_one(i: int, cfg: DatasetConfig, fixed: _FixedParts, encoder_width: int) -> Sample:
+def _make_one(i: int, cfg: SyntheticDataset, fixed: _FixedParts, encoder_width: int) -> Sample:
     g = _generator(cfg.seed * 1_000_003 + 7919 * (i + 1))
     k = NUM_COMPONENTS
     t_len = int(torch.randint(cfg.min_frames, cfg.max_frames + 1, (1,), generator=g))
@@ -111,7 +112,7 @@ def _make_one(i: int, cfg: DatasetConfig, fixed: _FixedParts, encoder_width: int
     )
 
 
-def make_synthetic_samples(cfg: DatasetConfig, encoder_width: int) -> list[Sample]:
+def make_synthetic_samples(cfg: SyntheticDataset, encoder_width: int) -> list[Sample]:
     """`cfg.num_samples` samples: T uniform in [min_frames, max_frames], L = condition_length, H = encoder_width.
 
     Shapes (float32): target_latents [T, 64], attention_mask [T] ones, encoder_hidden_states [L, H],

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from acestep_ft.atomic import atomic_directory
 
 from .acestep import AceStepModel, encoder_dims
 from .layers import layer_types
@@ -224,24 +225,12 @@ def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = to
         raise ValueError(f"model state dict has keys outside the official layout (merge adapters first?): {extra}")
     tensors = {k: v.detach().to(device="cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(official_config(model, dtype), indent=2, sort_keys=True) + "\n")
-        source = getattr(model, "source_path", None)
+        source = model.source_path
         if source and Path(source).is_dir():
             for item in Path(source).iterdir():
                 if item.name in SUPPORT_FILES or (item.name.startswith("modeling_") and item.suffix == ".py"):
                     shutil.copy2(item, tmp / item.name)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -3,28 +3,32 @@
 Layout of `<run_dir>/checkpoints/step-00000050/`:
   adapter/              mode=lora: PEFT adapter (adapter_config.json + adapter_model.safetensors), loads in official inference
   model/                mode=full: the whole model in the official layout (config.json + model.safetensors, fp32)
-  training_state.pt     optimizer, scheduler, sampler position, RNG states, step, trained-tensor signature
-  config.yaml           the resolved run config
+  training_state.pt     optimizer, scheduler, grad scaler, sampler position, RNG states of every process, step,
+                        trained-tensor signature and the resolved config (for the strict resume check)
+  config.yaml           the resolved run config, readable
 
-A checkpoint is written into a hidden temp directory beside its final name and renamed into place when complete,
-so a crash mid-write never leaves a half checkpoint that resume could pick up.
+A checkpoint is written into a hidden temp directory beside its final name and renamed into place when complete
+(`atomic_directory`), so a crash mid-write never leaves a half checkpoint that resume could pick up.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from acestep_ft.atomic import atomic_directory
 from acestep_ft.train.trainable import load_adapter_weights, save_adapter, trainable_state_dict
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 PREFIX = "step-"
@@ -38,25 +42,32 @@ class TrainingState:
     optimizer: Dict[str, Any]
     scheduler: Dict[str, Any]
     sampler: Dict[str, Any]
-    rng: Dict[str, Any]
+    rng: List[Dict[str, Any]]      # one entry per process, in rank order
     signature: Dict[str, list]     # trained tensor name -> shape, to refuse resuming into another setup
     mode: str
+    config: Dict[str, Any]         # flattened resolved config ("optim.lr" -> 1e-4)
+    scaler: Optional[Dict[str, Any]] = None  # fp16 GradScaler state
 
 
-def capture_rng() -> Dict[str, Any]:
-    """Every RNG the loop touches (python, numpy, torch CPU and all CUDA devices)."""
+# Settings that may change between a run and its resume without changing what is computed.
+RESUMABLE_CHANGES = ("train.resume", "train.resume_strict", "train.stop_at_step", "train.log_every",
+                     "train.save_every", "train.keep_last", "train.plot", "logger.")
+
+
+def capture_rng(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Every RNG this process touches: python, numpy, torch CPU, and its own CUDA device if it has one."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: Dict[str, Any]) -> None:
+def restore_rng(state: Dict[str, Any], device: Optional[torch.device] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def signature(decoder: nn.Module) -> Dict[str, list]:
@@ -77,21 +88,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically and delete all but the newest `keep_last`. Returns its directory."""
     final = checkpoint_dir(run_dir, state.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:  # re-saving a step (after a resume) replaces the old one whole
         if state.mode == "lora":
             save_adapter(decoder, tmp / "adapter")
         else:
             save_full(tmp / "model")
         torch.save(state.__dict__, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace the old one whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -126,8 +129,22 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, decoder: nn.Module, mode: str) -> TrainingState:
-    """Load the trained weights into `decoder` and return the rest. Refuses a checkpoint of another setup."""
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Flattened config entries that differ, ignoring RESUMABLE_CHANGES, as "key: checkpoint X, now Y"."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}" for k in keys
+            if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def load_checkpoint(
+    path: Path, decoder: nn.Module, mode: str, config: Dict[str, Any], strict: bool = True
+) -> TrainingState:
+    """Load the trained weights into `decoder` and return the rest.
+
+    Always refused: another mode or another set/shape of trained tensors (the weights cannot go in). With `strict`,
+    also refused: any other config difference outside RESUMABLE_CHANGES (model, data, optimizer, objective, batch
+    setup, number of processes), since the resumed run would no longer continue the same trajectory.
+    """
     state = TrainingState(**torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False))
     problems = []
     if state.mode != mode:
@@ -141,6 +158,15 @@ def load_checkpoint(path: Path, decoder: nn.Module, mode: str) -> TrainingState:
         raise ValueError(
             f"cannot resume from {path}: " + "; ".join(problems) + ". Resume with the config the run was started "
             "with (see its config.yaml), or start a fresh run."
+        )
+    changes = config_changes(state.config, config)
+    if changes and not strict:
+        log.warning("resuming %s with a changed config (train.resume_strict=false):\n  %s", path, "\n  ".join(changes))
+    if strict and changes:
+        raise ValueError(
+            f"cannot resume from {path}: the config differs from the checkpoint's:\n  " + "\n  ".join(changes)
+            + "\nResume with the original settings (see its config.yaml), or pass train.resume_strict=false to "
+            "continue with the new ones (the run then no longer reproduces an uninterrupted one)."
         )
     if mode == "lora":
         load_adapter_weights(decoder, Path(path) / "adapter")

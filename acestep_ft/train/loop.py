@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 from accelerate import Accelerator
@@ -19,7 +19,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.config import ObjectiveConfig, TrainConfig
-from acestep_ft.data.collate import collate
 from acestep_ft.train.metrics import MetricsSink
 from acestep_ft.train.step import flow_matching_loss
 
@@ -33,8 +32,7 @@ class LoopParts:
     null_embedding: torch.Tensor       # [1, 1, H_enc] on the device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    source: object                     # map-style: source[i] -> Sample
-    sampler: object                    # EpochBatchSampler (state_dict / load_state_dict)
+    batches: Any                       # BatchStream: next_batch() -> Batch on the CPU
     objective: ObjectiveConfig
     timestep_mu: float
     timestep_sigma: float
@@ -69,8 +67,7 @@ def train_loop(
         started = time.perf_counter()
         step_loss, samples, frames, grad_norm = 0.0, 0, 0, float("nan")
         for _ in range(cfg.grad_accum):
-            indices = parts.sampler.next_batch()
-            batch = collate([parts.source[i] for i in indices]).to(acc.device)
+            batch = parts.batches.next_batch().to(acc.device)
             with acc.accumulate(parts.decoder):
                 loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
                                           parts.timestep_mu, parts.timestep_sigma)
@@ -80,7 +77,7 @@ def train_loop(
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
             step_loss += float(acc.reduce(loss.detach(), "mean")) / cfg.grad_accum
-            samples += len(indices) * acc.num_processes
+            samples += len(batch.keys) * acc.num_processes
             frames += int(batch.attention_mask.sum()) * acc.num_processes
         if not math.isfinite(step_loss):
             raise FloatingPointError(
@@ -88,7 +85,8 @@ def train_loop(
                 f"hardware.mixed_precision=bf16 instead of fp16. The last good checkpoint is in the run directory."
             )
         lr = parts.scheduler.get_last_lr()[0]
-        parts.scheduler.step()
+        if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
+            parts.scheduler.step()
         step += 1
         losses.append(step_loss)
         elapsed = time.perf_counter() - started

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from acestep_ft.config import CacheConfig, DatasetConfig
+from acestep_ft.config import CacheConfig, SyntheticDataset
 from acestep_ft.data import CachedSource, InMemorySource, LruSampleCache, Sample, build_dataset
 from acestep_ft.data.cache import GIB, sample_nbytes
 
@@ -51,7 +51,7 @@ def test_cached_source_counts_hits_and_reads_each_sample_once_within_budget():
 
 
 def test_build_dataset_applies_policy_from_config():
-    cfg = DatasetConfig(num_samples=4)
+    cfg = SyntheticDataset(num_samples=4)
     plain = build_dataset(cfg, CacheConfig(policy="none"), 8)
     assert not isinstance(plain, CachedSource)
     tiny_budget = 2 * sample_nbytes(plain[0]) / GIB + 1e-12

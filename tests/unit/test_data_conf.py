@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from acestep_ft.config import CacheConfig, DatasetConfig, register_configs
+from acestep_ft.config import CacheConfig, PtDataset, SyntheticDataset, register_configs
 from acestep_ft.data import DataError, build_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def _compose(*overrides):
 def test_synthetic_and_ram_lru_compose_to_typed_configs():
     cfg = _compose("+dataset=synthetic", "+cache=ram_lru", "dataset.num_samples=3")
     dataset, cache = OmegaConf.to_object(cfg.dataset), OmegaConf.to_object(cfg.cache)
-    assert isinstance(dataset, DatasetConfig) and dataset.kind == "synthetic" and dataset.num_samples == 3
+    assert isinstance(dataset, SyntheticDataset) and dataset.num_samples == 3
     assert isinstance(cache, CacheConfig) and cache.policy == "ram_lru"
     assert len(build_dataset(dataset, cache, 8)) == 3
     assert _compose("+cache=none").cache.policy == "none"
@@ -31,11 +31,19 @@ def test_synthetic_and_ram_lru_compose_to_typed_configs():
 
 def test_pt_without_a_path_is_an_error_naming_dataset_path():
     cfg = _compose("+dataset=pt", "+cache=none")
-    assert cfg.dataset.kind == "pt"
-    # Either Hydra reports the mandatory value or build_dataset does; both name dataset.path.
-    with pytest.raises((MissingMandatoryValue, DataError), match="dataset.path|path"):
-        build_dataset(cfg.dataset, cfg.cache, 8)
-    assert _compose("+dataset=pt", "dataset.path=/data/x").dataset.path == "/data/x"
+    with pytest.raises(MissingMandatoryValue, match=r"full_key: dataset\.path"):
+        OmegaConf.to_object(cfg)
+    with pytest.raises(DataError, match=r"dataset=pt needs dataset\.path"):
+        build_dataset(PtDataset(path=""), CacheConfig(), 8)
+    dataset = OmegaConf.to_object(_compose("+dataset=pt", "dataset.path=/data/x").dataset)
+    assert isinstance(dataset, PtDataset) and dataset.path == "/data/x"
+
+
+def test_a_field_of_another_dataset_option_is_an_error():
+    with pytest.raises(Exception, match="num_samples"):
+        _compose("+dataset=pt", "dataset.path=/x", "dataset.num_samples=3")
+    with pytest.raises(Exception, match="path"):
+        _compose("+dataset=synthetic", "dataset.path=/x")
 
 
 def test_data_package_never_imports_model_or_train():

@@ -2,7 +2,7 @@
 
 import torch
 
-from acestep_ft.config import DatasetConfig
+from acestep_ft.config import SyntheticDataset
 from acestep_ft.data import Sample, make_synthetic_samples
 
 H = 32
@@ -16,7 +16,7 @@ def _assert_same(a: Sample, b: Sample) -> None:
 
 
 def test_shapes_dtypes_and_lengths_follow_the_config():
-    cfg = DatasetConfig(num_samples=10, min_frames=5, max_frames=9, condition_length=7)
+    cfg = SyntheticDataset(num_samples=10, min_frames=5, max_frames=9, condition_length=7)
     samples = make_synthetic_samples(cfg, encoder_width=H)
     assert len(samples) == 10
     assert len({s.key for s in samples}) == 10
@@ -38,7 +38,7 @@ def test_shapes_dtypes_and_lengths_follow_the_config():
 
 
 def test_deterministic_from_seed_only_and_independent_of_global_rng():
-    cfg = DatasetConfig(num_samples=4)
+    cfg = SyntheticDataset(num_samples=4)
     torch.manual_seed(0)
     a = make_synthetic_samples(cfg, H)
     torch.manual_seed(999)
@@ -46,19 +46,19 @@ def test_deterministic_from_seed_only_and_independent_of_global_rng():
     b = make_synthetic_samples(cfg, H)
     for x, y in zip(a, b):
         _assert_same(x, y)
-    c = make_synthetic_samples(DatasetConfig(num_samples=4, seed=cfg.seed + 1), H)
+    c = make_synthetic_samples(SyntheticDataset(num_samples=4, seed=cfg.seed + 1), H)
     assert not torch.equal(a[0].encoder_hidden_states, c[0].encoder_hidden_states)
 
 
 def test_sample_i_does_not_depend_on_num_samples():
-    few = make_synthetic_samples(DatasetConfig(num_samples=3), H)
-    many = make_synthetic_samples(DatasetConfig(num_samples=8), H)
+    few = make_synthetic_samples(SyntheticDataset(num_samples=3), H)
+    many = make_synthetic_samples(SyntheticDataset(num_samples=8), H)
     for x, y in zip(few, many):
         _assert_same(x, y)
 
 
 def test_silence_source_is_one_fixed_pattern_sliced_to_t():
-    samples = make_synthetic_samples(DatasetConfig(num_samples=8, min_frames=4, max_frames=20), H)
+    samples = make_synthetic_samples(SyntheticDataset(num_samples=8, min_frames=4, max_frames=20), H)
     longest = max(samples, key=lambda s: s.target_latents.shape[0])
     for s in samples:
         t = s.target_latents.shape[0]
@@ -66,7 +66,7 @@ def test_silence_source_is_one_fixed_pattern_sliced_to_t():
 
 
 def test_targets_are_unit_scale_smooth_and_conditions_differ():
-    samples = make_synthetic_samples(DatasetConfig(num_samples=16), H)
+    samples = make_synthetic_samples(SyntheticDataset(num_samples=16), H)
     x = torch.cat([s.target_latents for s in samples])
     assert 0.7 < x.std().item() < 1.3
     assert abs(x.mean().item()) < 0.2
@@ -82,4 +82,4 @@ def test_bad_config_is_a_clear_error():
     import pytest
 
     with pytest.raises(ValueError, match="max_frames"):
-        make_synthetic_samples(DatasetConfig(min_frames=10, max_frames=5), H)
+        make_synthetic_samples(SyntheticDataset(min_frames=10, max_frames=5), H)
