@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from acestep_ft.config import FullMode, LoraMode, ModelConfig, OptimConfig
+from acestep_ft.config import FullMode, LoraMode, OptimConfig
+from conftest import model_config
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng, save_checkpoint,
@@ -15,14 +15,11 @@ from acestep_ft.train.checkpoint import (
 from acestep_ft.train.optim import build_optimizer, build_scheduler
 from acestep_ft.train.trainable import make_trainable, trainable_state_dict
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_setup(mode, seed=0):
-    yaml = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")
-    yaml.pop("defaults")
     torch.manual_seed(seed)
-    model = load_model(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml)))
+    model = load_model(model_config())
     decoder = make_trainable(model, mode)
     cfg = OptimConfig(lr=1e-3, warmup_steps=2)
     opt = build_optimizer(decoder, cfg)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from acestep_ft.config import ModelConfig
+from conftest import model_config
 from acestep_ft.model import AceStepModel, guess_variant, load_model, model_key_shapes, param_counts, save_full_model
 from acestep_ft.model.checkpoint_io import config_differences, official_config
 from acestep_ft.model.variants import build_meta_model
@@ -23,13 +24,6 @@ OFFICIAL_2B = ["acestep15_turbo", "acestep15_base", "acestep15_sft"]
 OFFICIAL_XL = ["acestep15_xl_turbo", "acestep15_xl_base", "acestep15_xl_sft"]
 # The fixture was computed on another machine; the official code itself differs from it by ~1e-5 here (BLAS).
 ATOL = 2e-5
-
-
-def model_cfg(name: str, **overrides) -> ModelConfig:
-    """conf/model/<name>.yaml merged over the ModelConfig schema, as Hydra would compose it."""
-    yaml = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
-    assert list(yaml.pop("defaults")) == ["base_model", "_self_"]
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml, overrides)
 
 
 def read_keys(name: str):
@@ -49,7 +43,7 @@ def ref():
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def tiny(request):
-    return load_model(model_cfg("tiny", path=str(TINY), attn_implementation=request.param)).eval()
+    return load_model(model_config("tiny", path=str(TINY), attn_implementation=request.param)).eval()
 
 
 def decoder_kwargs(inputs):
@@ -63,7 +57,7 @@ def decoder_kwargs(inputs):
 
 @pytest.mark.parametrize("name", OFFICIAL_2B + OFFICIAL_XL)
 def test_variant_yaml_builds_official_keys_and_counts(name):
-    cfg = model_cfg(name)
+    cfg = model_config(name)
     is_xl = name in OFFICIAL_XL
     assert model_key_shapes(cfg) == read_keys("acestep15_xl_keys.txt" if is_xl else "acestep15_2b_keys.txt")
     counts = json.loads((ASSETS / "acestep15_param_counts.json").read_text())
@@ -183,7 +177,7 @@ def test_wrong_keys_are_refused_with_a_useful_message(tmp_path):
     state["decoder.norm_out.weight"] = torch.ones(65)
     d = copy_fixture(tmp_path, state=state)
     with pytest.raises(ValueError) as err:
-        load_model(model_cfg("tiny", path=str(d)))
+        load_model(model_config("tiny", path=str(d)))
     msg = str(err.value)
     assert "missing keys (1)" in msg and "decoder.layers.1.mlp.up_proj.weight" in msg
     assert "unexpected keys (1)" in msg and "decoder.layers.0.extra.weight" in msg
@@ -193,7 +187,7 @@ def test_wrong_keys_are_refused_with_a_useful_message(tmp_path):
     single = tmp_path / "full.safetensors"
     save_file(state, single)
     with pytest.raises(ValueError, match="missing keys"):
-        load_model(model_cfg("tiny", path=str(single)))
+        load_model(model_config("tiny", path=str(single)))
 
 
 def test_single_file_and_sharded_checkpoints_load(tmp_path, ref, inputs):
@@ -211,29 +205,29 @@ def test_single_file_and_sharded_checkpoints_load(tmp_path, ref, inputs):
         weight_map.update({k: name for k in part})
     (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     for path in (single, shard_dir):
-        model = load_model(model_cfg("tiny", path=str(path), attn_implementation="eager")).eval()
+        model = load_model(model_config("tiny", path=str(path), attn_implementation="eager")).eval()
         with torch.no_grad():
             torch.testing.assert_close(model.decoder(**decoder_kwargs(inputs)), ref["decoder_out"], atol=ATOL, rtol=0)
 
 
 def test_config_json_architecture_mismatch_is_refused():
     with pytest.raises(ValueError) as err:
-        load_model(model_cfg("tiny", path=str(TINY), hidden_size=128, num_hidden_layers=4))
+        load_model(model_config("tiny", path=str(TINY), hidden_size=128, num_hidden_layers=4))
     msg = str(err.value)
     assert "hidden_size: checkpoint=64, config=128" in msg and "num_hidden_layers: checkpoint=2, config=4" in msg
     assert "looks like tiny (2 DiT layers, hidden 64)" in msg
     # an XL modeling file in auto_map means the timbre CLS token is used; a 2B-style config must be refused
     config = json.loads((TINY / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "modeling_acestep_v15_xl_base.AceStepConditionGenerationModel"}
-    assert any(d.startswith("timbre_special_token") for d in config_differences(model_cfg("tiny"), config))
+    assert any(d.startswith("timbre_special_token") for d in config_differences(model_config("tiny"), config))
     config["is_turbo"] = True
-    assert any(d.startswith("is_turbo") for d in config_differences(model_cfg("tiny"), config))
+    assert any(d.startswith("is_turbo") for d in config_differences(model_config("tiny"), config))
     config["layer_types"] = ["full_attention", "full_attention"]
-    assert any(d.startswith("layer_types") for d in config_differences(model_cfg("tiny"), config))
+    assert any(d.startswith("layer_types") for d in config_differences(model_config("tiny"), config))
 
 
 def test_save_load_round_trip_is_exact(tmp_path, inputs):
-    model = load_model(model_cfg("tiny", path=str(TINY)))
+    model = load_model(model_config("tiny", path=str(TINY)))
     out = tmp_path / "export" / "acestep-v15-tiny-ft"
     save_full_model(model, out, dtype=torch.float32)
     save_full_model(model, out, dtype=torch.float32)  # overwriting an existing export is atomic too
@@ -243,7 +237,7 @@ def test_save_load_round_trip_is_exact(tmp_path, inputs):
     assert config["model_type"] == "acestep" and config["architectures"] == ["AceStepConditionGenerationModel"]
     assert config["auto_map"]["AutoModel"] == "modeling_acestep_v15_base.AceStepConditionGenerationModel"
     assert config["layer_types"] == ["sliding_attention", "full_attention"] and config["is_turbo"] is False
-    again = load_model(model_cfg("tiny", path=str(out)))
+    again = load_model(model_config("tiny", path=str(out)))
     sd1, sd2 = model.state_dict(), again.state_dict()
     assert list(sd1) == list(sd2) and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     save_full_model(model, tmp_path / "bf16")
@@ -255,7 +249,7 @@ def test_save_load_round_trip_is_exact(tmp_path, inputs):
                                          ("acestep15_xl_sft", "modeling_acestep_v15_xl_base"),
                                          ("acestep15_xl_turbo", "modeling_acestep_v15_xl_turbo")])
 def test_official_config_fields(name, module):
-    cfg = model_cfg(name)
+    cfg = model_config(name)
     config = official_config(build_meta_model(cfg))
     assert config["auto_map"] == {"AutoConfig": "configuration_acestep_v15.AceStepConfig",
                                   "AutoModel": f"{module}.AceStepConditionGenerationModel"}
@@ -269,7 +263,7 @@ def test_official_config_fields(name, module):
 
 def random_tiny(seed=0, **overrides):
     torch.manual_seed(seed)
-    return load_model(model_cfg("tiny", **overrides))
+    return load_model(model_config("tiny", **overrides))
 
 
 def batch(t_frames=9, cond_len=6, seed=1):

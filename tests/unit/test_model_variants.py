@@ -2,17 +2,15 @@
 metadata) is written, loads back strictly and exactly, and is refused under another variant's config."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from acestep_ft.config import ModelConfig
+from conftest import model_config
 from acestep_ft.model import load_model, save_full_model
 
-ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {  # yaml -> official modeling file named in auto_map
     "acestep15_turbo": "modeling_acestep_v15_turbo",
     "acestep15_base": "modeling_acestep_v15_base",
@@ -27,9 +25,7 @@ SHRINK = {"hidden_size": 32, "intermediate_size": 32, "encoder_hidden_size": 32,
 
 
 def shrunk(name: str) -> ModelConfig:
-    yaml = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
-    yaml.pop("defaults")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml))
+    cfg = model_config(name)
     for field, factor in SHRINK.items():
         if getattr(cfg, field) is not None:
             setattr(cfg, field, getattr(cfg, field) // factor)

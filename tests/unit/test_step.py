@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from acestep_ft.config import FullMode, LoraMode, ModelConfig, ObjectiveConfig, OptimConfig
+from acestep_ft.config import FullMode, LoraMode, ObjectiveConfig, OptimConfig
+from conftest import model_config
 from acestep_ft.data.batch import Batch
 from acestep_ft.model import load_model
 from acestep_ft.train.optim import build_optimizer
@@ -18,12 +18,6 @@ from acestep_ft.train.trainable import make_trainable, save_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "assets" / "official_tiny"
-
-
-def tiny_cfg(**overrides) -> ModelConfig:
-    yaml = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")
-    yaml.pop("defaults")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml, overrides))
 
 
 def fixture_batch(ref) -> Batch:
@@ -42,7 +36,7 @@ def test_step_reproduces_the_official_training_forward():
     """Same seed, same inputs: our step gives the official `forward`'s diffusion loss."""
     inputs = torch.load(TINY / "inputs.pt", weights_only=True)
     ref = torch.load(TINY / "ref_outputs.pt", weights_only=True)
-    model = load_model(tiny_cfg(path=str(TINY), attn_implementation="eager")).eval()
+    model = load_model(model_config(path=str(TINY), attn_implementation="eager")).eval()
     torch.manual_seed(inputs["train_seed"])
     loss = flow_matching_loss(model.decoder, model.null_condition_emb, fixture_batch(ref),
                               ObjectiveConfig(cfg_ratio=inputs["cfg_ratio"]), -0.4, 1.0)
@@ -51,7 +45,7 @@ def test_step_reproduces_the_official_training_forward():
 
 def test_lora_trains_only_adapter_weights_of_the_decoder():
     torch.manual_seed(0)
-    model = load_model(tiny_cfg())
+    model = load_model(model_config())
     decoder = make_trainable(model, LoraMode(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n and n.startswith("decoder.") for n in trainable)
@@ -62,7 +56,7 @@ def test_lora_trains_only_adapter_weights_of_the_decoder():
 
 def test_full_mode_trains_exactly_the_decoder():
     torch.manual_seed(0)
-    model = load_model(tiny_cfg())
+    model = load_model(model_config())
     make_trainable(model, FullMode())
     for name, p in model.named_parameters():
         assert p.requires_grad == name.startswith("decoder."), name
@@ -70,7 +64,7 @@ def test_full_mode_trains_exactly_the_decoder():
 
 def test_adapter_saves_in_the_official_peft_layout_and_loads_back(tmp_path):
     torch.manual_seed(0)
-    model = load_model(tiny_cfg())
+    model = load_model(model_config())
     decoder = make_trainable(model, LoraMode(rank=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for n, p in decoder.named_parameters():
@@ -85,7 +79,7 @@ def test_adapter_saves_in_the_official_peft_layout_and_loads_back(tmp_path):
     assert "base_model.model.layers.1.cross_attn.o_proj.lora_B.weight" in keys
     # what official inference does: PeftModel.from_pretrained(model.decoder, dir) on a fresh model
     torch.manual_seed(0)
-    fresh = load_model(tiny_cfg())
+    fresh = load_model(model_config())
     x = dict(hidden_states=torch.randn(1, 9, 64), timestep=torch.tensor([0.5]), timestep_r=torch.tensor([0.5]),
              encoder_hidden_states=torch.randn(1, 5, 64), context_latents=torch.randn(1, 9, 128))
     with torch.no_grad():
@@ -104,7 +98,7 @@ def test_adapter_saves_in_the_official_peft_layout_and_loads_back(tmp_path):
                          ids=["lora", "full"])
 def test_one_batch_overfits(mode, ratio):
     torch.manual_seed(0)
-    model = load_model(tiny_cfg())
+    model = load_model(model_config())
     decoder = make_trainable(model, mode)
     opt = build_optimizer(decoder, OptimConfig(lr=1e-2 if isinstance(mode, LoraMode) else 3e-3, weight_decay=0.0))
     ref = torch.load(TINY / "ref_outputs.pt", weights_only=True)
