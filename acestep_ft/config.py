@@ -31,7 +31,14 @@ class Schedule(StrEnum):
     constant = "constant"
 
 
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class MixedPrecision(StrEnum):
+    auto = "auto"
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -222,10 +229,10 @@ class OptimConfig:
 class HardwareConfig:
     """Devices and precision (Accelerate owns placement and autocast)."""
 
-    cpu: bool = True
-    """Force CPU even where a GPU is present."""
-    mixed_precision: MixedPrecision = MixedPrecision.no
-    """Autocast precision; master weights stay fp32."""
+    device: Device = Device.auto
+    """auto = a CUDA GPU when one is visible, else the CPU (the run prints which); cpu; cuda (refused without one)."""
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    """Autocast precision, master weights stay fp32; auto = bf16 on a CUDA GPU that supports it, else no (fp32)."""
     batch_size: int = 4
     """Samples per micro-batch per process."""
     gradient_checkpointing: bool = False

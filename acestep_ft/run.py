@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from acestep_ft.config import Config, FullMode, LoraMode, MixedPrecision, PtDataset
+from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PtDataset
 from acestep_ft.data import BatchStream, EpochBatchSampler, build_dataset
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.variants import build_meta_model
@@ -34,6 +34,15 @@ def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
     """Targets that match no Linear of the decoder under PEFT's rule (name == t or name ends with "." + t)."""
     names = [n for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def resolve_hardware(hw: HardwareConfig, cuda: bool, cuda_bf16: bool) -> Tuple[bool, str]:
+    """(use the CPU, Accelerate mixed_precision) for the preset on a machine with or without a (bf16) CUDA GPU."""
+    on_cpu = hw.device == Device.cpu or (hw.device == Device.auto and not cuda)
+    precision = str(hw.mixed_precision)
+    if hw.mixed_precision == MixedPrecision.auto:
+        precision = "bf16" if not on_cpu and cuda_bf16 else "no"
+    return on_cpu, precision
 
 
 def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
@@ -63,10 +72,11 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
             problems.append(f"{name}={value} must be >= 1.")
     if cfg.train.stop_at_step is not None and not 0 < cfg.train.stop_at_step <= cfg.train.max_steps:
         problems.append(f"train.stop_at_step={cfg.train.stop_at_step} must be in 1..train.max_steps.")
-    if not cfg.hardware.cpu and not torch.cuda.is_available():
-        problems.append("hardware.cpu=false but no CUDA GPU is visible: use hardware=cpu, or check the CUDA "
-                        "install (torch.cuda.is_available() is False).")
-    if cfg.hardware.mixed_precision == MixedPrecision.fp16 and cfg.hardware.cpu:
+    if cfg.hardware.device == Device.cuda and not torch.cuda.is_available():
+        problems.append("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto, or "
+                        "check the CUDA install (torch.cuda.is_available() is False).")
+    on_cpu, _ = resolve_hardware(cfg.hardware, torch.cuda.is_available(), False)
+    if cfg.hardware.mixed_precision == MixedPrecision.fp16 and on_cpu:
         problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
     if isinstance(cfg.mode, LoraMode):
         missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
@@ -104,11 +114,9 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
     run_dir = Path(run_dir)
     resume_from = check_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(
-        cpu=cfg.hardware.cpu,
-        mixed_precision=str(cfg.hardware.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum,
-    )
+    cuda = torch.cuda.is_available()
+    on_cpu, precision = resolve_hardware(cfg.hardware, cuda, cuda and torch.cuda.is_bf16_supported())
+    acc = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
     print0 = acc.print
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     flat = flat_config(cfg, acc.num_processes)
@@ -126,8 +134,9 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
         len(source), cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
         rank=acc.process_index, world_size=acc.num_processes))
     print0(f"data: {len(source)} samples ({cfg.dataset.kind}), batch {cfg.hardware.batch_size} x accum "
-           f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device}, "
-           f"precision {cfg.hardware.mixed_precision}")
+           f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device} "
+           f"(hardware.device={cfg.hardware.device}), precision {precision} "
+           f"(hardware.mixed_precision={cfg.hardware.mixed_precision})")
 
     optimizer = build_optimizer(decoder, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
-DEFAULT_OVERRIDES = ["train.max_steps=12", "train.save_every=6", "dataset.num_samples=8"]
+DEFAULT_OVERRIDES = ["hardware=cpu", "train.max_steps=12", "train.save_every=6", "dataset.num_samples=8"]
 
 
 def main() -> None:

@@ -51,10 +51,10 @@ def test_every_group_has_options():
         assert options(group), f"conf/{group}/ has no options"
 
 
-def test_default_is_lora_tiny_cpu():
+def test_default_is_lora_tiny_auto_device():
     cfg = OmegaConf.to_object(compose_config())
     assert isinstance(cfg.mode, LoraMode)
-    assert cfg.model.variant == "tiny" and cfg.hardware.cpu and cfg.dataset.kind == "synthetic"
+    assert cfg.model.variant == "tiny" and cfg.hardware.device == "auto" and cfg.dataset.kind == "synthetic"
 
 
 def test_full_mode_has_its_own_schema():
@@ -104,3 +104,8 @@ def test_every_experiment_composes(experiment):
     for key in sweep or {}:
         OmegaConf.select(OmegaConf.structured(typed), key, throw_on_missing=True)
         assert OmegaConf.select(OmegaConf.structured(typed), key) is not None
+
+
+def test_cpu_preset_pins_fp32_cpu():
+    hw = OmegaConf.to_object(compose_config(["hardware=cpu"])).hardware
+    assert hw.device == "cpu" and hw.mixed_precision == "no"

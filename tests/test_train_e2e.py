@@ -21,7 +21,7 @@ GOLDEN = json.loads((ROOT / "tests" / "assets" / "golden_losses.json").read_text
 
 def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [sys.executable, "train.py", "hardware=cpu", f"hydra.run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -41,6 +41,11 @@ def test_golden_losses_and_artifacts(tmp_path):
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     assert (ckpt / "training_state.pt").exists() and (ckpt / "config.yaml").exists()
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    for name in ("train/lr", "train/grad_norm", "perf/step_time_s", "perf/samples_per_s", "data/pad_frac",
+                 "mem/host_peak_rss_gb"):
+        assert name in record, name
+    assert 0.0 <= record["data/pad_frac"] < 1.0
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -60,7 +65,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
 def run_quick(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
     where = f"hydra.sweep.dir={tmp}" if multirun else f"hydra.run.dir={tmp}"
-    cmd = [sys.executable, "train.py", *args, where, "train.max_steps=2", "train.plot=false"]
+    cmd = [sys.executable, "train.py", *args, where, "hardware=cpu", "train.max_steps=2", "train.plot=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -104,7 +109,7 @@ def test_bad_config_fails_fast_with_a_clear_message(tmp_path, overrides, message
 
 def test_two_process_cpu_run_resumes_exactly(tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank keeps its own RNG stream through a stop and resume."""
-    common = ["train.max_steps=6", "train.save_every=3", "dataset.num_samples=10", "hardware.batch_size=2",
+    common = ["hardware=cpu", "train.max_steps=6", "train.save_every=3", "dataset.num_samples=10", "hardware.batch_size=2",
               "train.grad_accum=2", "train.plot=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -65,7 +65,7 @@ def train_loop(
     step = start_step
     while step < stop:
         started = time.perf_counter()
-        step_loss, samples, frames, grad_norm = 0.0, 0, 0, float("nan")
+        step_loss, samples, frames, padded, grad_norm = 0.0, 0, 0, 0, float("nan")
         for _ in range(cfg.grad_accum):
             batch = parts.batches.next_batch().to(acc.device)
             with acc.accumulate(parts.decoder):
@@ -79,6 +79,7 @@ def train_loop(
             step_loss += float(acc.reduce(loss.detach(), "mean")) / cfg.grad_accum
             samples += len(batch.keys) * acc.num_processes
             frames += int(batch.attention_mask.sum()) * acc.num_processes
+            padded += batch.attention_mask.numel() * acc.num_processes
         if not math.isfinite(step_loss):
             raise FloatingPointError(
                 f"loss became {step_loss} at step {step + 1}; lower optim.lr, keep optim.grad_clip > 0, or use "
@@ -98,6 +99,7 @@ def train_loop(
                 "perf/step_time_s": elapsed,
                 "perf/samples_per_s": samples / elapsed,
                 "perf/frames_per_s": frames / elapsed,
+                "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
                 **peak_memory_gb(acc.device),
             })
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
