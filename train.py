@@ -1,7 +1,7 @@
 """Train ACE-Step 1.5 with acestep-ft.
 
     python train.py                                   # tiny model, generated data, CPU: a real short run
-    python train.py model=acestep15_turbo model.path=/ckpt/acestep-v15-turbo dataset=pt dataset.path=/data hardware=a100
+    python train.py model=acestep15_turbo model.path=/ckpt/acestep-v15-turbo dataset=preprocessed dataset.path=/data hardware=a100
     python train.py -m optim.lr=1e-4,3e-4             # a grid, one directory per job
     python train.py -cd experiments -cn lora_rank_lr_grid -m
 """

@@ -21,9 +21,17 @@ class AttnImplementation(StrEnum):
     eager = "eager"
 
 
+class DataFormat(StrEnum):
+    auto = "auto"
+    pt = "pt"
+    v3_sharded = "v3_sharded"
+
+
 class CachePolicy(StrEnum):
     none = "none"
+    mmap = "mmap"
     ram_lru = "ram_lru"
+    auto = "auto"
 
 
 class Schedule(StrEnum):
@@ -165,6 +173,12 @@ class DatasetConfig:
     kind: ClassVar[str] = ""
     shuffle: bool = True
     """Shuffle sample order each epoch (seeded by train.seed and the epoch)."""
+    max_seconds: Optional[float] = None
+    """Randomly crop longer clips to this many seconds (deterministic per seed, epoch and sample); None = whole clips."""
+    bucket_seconds: float = 10.0
+    """Width of the length buckets in seconds; a batch holds clips of one bucket (less padding); 0 = no bucketing."""
+    worst_case_first: bool = False
+    """Make the first batch one of the longest clips, so an out-of-memory shows at step 1, not hours in."""
 
 
 @dataclass
@@ -185,12 +199,18 @@ class SyntheticDataset(DatasetConfig):
 
 
 @dataclass
-class PtDataset(DatasetConfig):
-    """A directory of per-sample .pt files written by the official ACE-Step or the Side-Step preprocessor."""
+class PreprocessedDataset(DatasetConfig):
+    """A preprocessed dataset directory: v3 shards (index.jsonl + shard-*.tar) or per-sample .pt files."""
 
-    kind: ClassVar[str] = "pt"
+    kind: ClassVar[str] = "preprocessed"
     path: str = MISSING
-    """Dataset directory (manifest.json, preprocess_meta.json, or just *.pt files)."""
+    """Dataset directory (v3: index.jsonl + shards; pt: manifest.json, preprocess_meta.json, or just *.pt files)."""
+    format: DataFormat = DataFormat.auto
+    """auto = detect from the directory; v3_sharded = webdataset shards + index; pt = official / Side-Step .pt files."""
+    verify_checksums: bool = True
+    """v3: check each sample's checksum when it is read (catches corrupted shards; costs one pass over the bytes)."""
+    allow_fingerprint_mismatch: bool = False
+    """Train even when the data's fingerprint (model, encoders, preprocessing) differs from the model's (experts)."""
 
 
 @dataclass
@@ -198,9 +218,11 @@ class CacheConfig:
     """Keep decoded samples in memory between epochs."""
 
     policy: CachePolicy = CachePolicy.none
-    """none = read every time; ram_lru = keep up to max_gb of samples in RAM, least recently used evicted."""
+    """none = read each sample from disk every time; mmap = map v3 shards (or .pt files) and read through the page
+    cache without copies; ram_lru = keep up to max_gb of decoded samples in RAM, least recently used evicted;
+    auto = mmap for v3, ram_lru when a .pt dataset fits max_gb and free RAM, else none (the run says which and why)."""
     max_gb: float = 4.0
-    """RAM budget of ram_lru in GiB."""
+    """RAM budget of ram_lru (and of auto's choice) in GiB."""
 
 
 @dataclass
@@ -234,7 +256,12 @@ class HardwareConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     """Autocast precision, master weights stay fp32; auto = bf16 on a CUDA GPU that supports it, else no (fp32)."""
     batch_size: int = 4
-    """Samples per micro-batch per process."""
+    """Samples per micro-batch per process (the most, when max_frames_per_batch is set)."""
+    max_frames_per_batch: int = 0
+    """Latent-frame budget per micro-batch (batch x padded T); short clips then make bigger batches. 0 = fixed
+    batch_size."""
+    device_prefetch: bool = True
+    """Copy batch N+1 to the GPU on a side CUDA stream from pinned memory while step N runs (no effect on CPU)."""
     gradient_checkpointing: bool = False
     """Recompute each DiT layer's activations in the backward pass: less memory, ~30% more compute."""
 
@@ -317,7 +344,7 @@ def register_configs() -> None:
     cs.store(group="mode", name="base_lora", node=LoraMode)
     cs.store(group="mode", name="base_full", node=FullMode)
     cs.store(group="dataset", name="base_synthetic", node=SyntheticDataset)
-    cs.store(group="dataset", name="base_pt", node=PtDataset)
+    cs.store(group="dataset", name="base_preprocessed", node=PreprocessedDataset)
     cs.store(group="cache", name="base_cache", node=CacheConfig)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PtDataset
+from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset
 from acestep_ft.data import BatchStream, EpochBatchSampler, build_dataset
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.variants import build_meta_model
@@ -63,7 +63,7 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
         )
     if cfg.model.path is not None and not Path(os.path.expanduser(cfg.model.path)).exists():
         problems.append(f"model.path={cfg.model.path} does not exist.")
-    if isinstance(cfg.dataset, PtDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
+    if isinstance(cfg.dataset, PreprocessedDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
         problems.append(f"dataset.path={cfg.dataset.path} does not exist: give the preprocessed tensor directory.")
     for name, value in [("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
                         ("train.save_every", cfg.train.save_every), ("train.log_every", cfg.train.log_every),

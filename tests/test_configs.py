@@ -32,7 +32,7 @@ def options(group):
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
-    if group == "dataset" and option == "pt":
+    if group == "dataset" and option == "preprocessed":
         overrides.append("dataset.path=/data/somewhere")
     cfg = OmegaConf.to_object(compose_config(overrides))
     assert isinstance(cfg, Config)
@@ -67,7 +67,7 @@ def test_full_mode_has_its_own_schema():
     ["mode=full", "mode.rank=4"],    # a LoRA knob on full mode
     ["optim.lrr=1"],
     ["train.max_step=3"],
-    ["dataset.path=/x"],              # a field of dataset=pt on dataset=synthetic
+    ["dataset.path=/x"],              # a field of dataset=preprocessed on dataset=synthetic
     ["mode.name=full"],               # the mode is picked by the group, not a field
     ["objective.timesteps=uniform"], # not one of the Literal choices
     ["mode.rank=lots"],              # wrong type
@@ -79,7 +79,7 @@ def test_bad_overrides_fail_before_any_work(overrides):
 
 def test_pt_dataset_requires_a_path():
     with pytest.raises(MissingMandatoryValue, match=r"full_key: dataset\.path"):
-        OmegaConf.to_object(compose_config(["dataset=pt"]))
+        OmegaConf.to_object(compose_config(["dataset=preprocessed"]))
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))

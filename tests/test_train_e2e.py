@@ -96,7 +96,7 @@ def test_experiment_grid_runs(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["mode=full", "mode.rank=4"], "Key 'rank' not in 'FullMode'"),
-    (["dataset=pt"], "dataset.path is required"),
+    (["dataset=preprocessed"], "dataset.path is required"),
     (["train.save_every=0", "hardware.mixed_precision=fp16"], "train.save_every=0 must be >= 1"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, overrides, message):

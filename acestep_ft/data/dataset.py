@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from typing import Protocol, Sequence, runtime_checkable
 
-from acestep_ft.config import CacheConfig, DatasetConfig, PtDataset, SyntheticDataset
+from acestep_ft.config import CacheConfig, DatasetConfig, PreprocessedDataset, SyntheticDataset
 from acestep_ft.data.batch import Sample
 from acestep_ft.data.cache import apply_cache
 from acestep_ft.data.errors import DataError
@@ -60,13 +60,13 @@ def build_dataset(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig, encoder_wi
     match dataset_cfg:
         case SyntheticDataset():
             source: SampleSource = InMemorySource(make_synthetic_samples(dataset_cfg, encoder_width))
-        case PtDataset():
+        case PreprocessedDataset():
             if not dataset_cfg.path:
                 raise DataError(
-                    "dataset=pt needs dataset.path: the directory written by the ACE-Step or Side-Step "
+                    "dataset=preprocessed needs dataset.path: the directory written by the ACE-Step or Side-Step "
                     "preprocessor. Fix: add dataset.path=/path/to/preprocessed_tensors on the command line."
                 )
             source = PtDirectory(dataset_cfg.path, encoder_width)
         case other:
-            raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or dataset=pt")
+            raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or dataset=preprocessed")
     return apply_cache(source, cache_cfg)

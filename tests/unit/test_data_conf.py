@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from acestep_ft.config import CacheConfig, PtDataset, SyntheticDataset, register_configs
+from acestep_ft.config import CacheConfig, PreprocessedDataset, SyntheticDataset, register_configs
 from acestep_ft.data import DataError, build_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,18 +30,18 @@ def test_synthetic_and_ram_lru_compose_to_typed_configs():
 
 
 def test_pt_without_a_path_is_an_error_naming_dataset_path():
-    cfg = _compose("+dataset=pt", "+cache=none")
+    cfg = _compose("+dataset=preprocessed", "+cache=none")
     with pytest.raises(MissingMandatoryValue, match=r"full_key: dataset\.path"):
         OmegaConf.to_object(cfg)
-    with pytest.raises(DataError, match=r"dataset=pt needs dataset\.path"):
-        build_dataset(PtDataset(path=""), CacheConfig(), 8)
-    dataset = OmegaConf.to_object(_compose("+dataset=pt", "dataset.path=/data/x").dataset)
-    assert isinstance(dataset, PtDataset) and dataset.path == "/data/x"
+    with pytest.raises(DataError, match=r"dataset=preprocessed needs dataset\.path"):
+        build_dataset(PreprocessedDataset(path=""), CacheConfig(), 8)
+    dataset = OmegaConf.to_object(_compose("+dataset=preprocessed", "dataset.path=/data/x").dataset)
+    assert isinstance(dataset, PreprocessedDataset) and dataset.path == "/data/x"
 
 
 def test_a_field_of_another_dataset_option_is_an_error():
     with pytest.raises(Exception, match="num_samples"):
-        _compose("+dataset=pt", "dataset.path=/x", "dataset.num_samples=3")
+        _compose("+dataset=preprocessed", "dataset.path=/x", "dataset.num_samples=3")
     with pytest.raises(Exception, match="path"):
         _compose("+dataset=synthetic", "dataset.path=/x")
 

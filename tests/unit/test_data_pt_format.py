@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acestep_ft.config import CacheConfig, PtDataset
+from acestep_ft.config import CacheConfig, PreprocessedDataset
 from acestep_ft.data import DataError, PtDirectory, build_dataset, read_sample
 
 H = 16
@@ -58,7 +58,7 @@ def official_dir(root: Path, n: int = 3) -> tuple[Path, list[dict]]:
 
 def test_official_manifest_dir_loads_bf16_as_float32_in_manifest_order(tmp_path):
     root, written = official_dir(tmp_path / "ds")
-    src = build_dataset(PtDataset(path=str(root)), CacheConfig(), encoder_width=H)
+    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), encoder_width=H)
     assert len(src) == 3
     assert src.keys == ["song_0", "song_1", "song_2"]
     for i in range(3):
@@ -98,7 +98,7 @@ def test_sidestep_dir_scans_sorted_pt_and_skips_tmp(tmp_path, with_meta):
     torch.save({"text_hidden_states": torch.zeros(1, 4, 8)}, root / "z.tmp.pt")  # pass-1 intermediate
     if with_meta:
         (root / "preprocess_meta.json").write_text(json.dumps({"variant": "turbo", "checksums": {"a.pt": "0"}}))
-    src = build_dataset(PtDataset(path=str(root)), CacheConfig(), encoder_width=H)
+    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), encoder_width=H)
     assert src.keys == ["a", "b", "c"]
     for i, name in enumerate(src.keys):
         assert_matches(src[i], written[name], name)
@@ -113,7 +113,7 @@ def test_empty_or_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         PtDirectory(tmp_path / "nope", H)
     with pytest.raises(DataError, match="dataset.path"):
-        build_dataset(PtDataset(path=None), CacheConfig(), H)
+        build_dataset(PreprocessedDataset(path=None), CacheConfig(), H)
 
 
 def write_one(tmp_path: Path, d) -> Path:
