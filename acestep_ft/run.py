@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset
 from acestep_ft.data import BatchStream, EpochBatchSampler, build_dataset
+from acestep_ft.data.prefetch import Prefetcher
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import (
@@ -159,6 +160,11 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
             # last, so nothing above consumes random numbers after the restore
             restore_rng(state.rng[acc.process_index], acc.device)
 
+    if cfg.hardware.device_prefetch and acc.device.type != "cuda":
+        print0(f"device prefetch: off on {acc.device.type} (it needs a CUDA device); batches are still prepared in a "
+               "background thread")
+    prefetcher = Prefetcher(batches, acc.device, device_prefetch=cfg.hardware.device_prefetch)
+
     def save(step: int) -> None:
         rngs = gather_object([capture_rng(acc.device)])  # collective: every process contributes its RNG
         if acc.is_main_process:
@@ -166,7 +172,7 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
             path = save_checkpoint(
                 run_dir,
                 TrainingState(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              sampler=batches.state_dict(), rng=rngs, signature=signature(unwrapped),
+                              sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped),
                               mode=cfg.mode.name, config=flat,
                               scaler=acc.scaler.state_dict() if acc.scaler is not None else None),
                 unwrapped,
@@ -179,11 +185,12 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
 
     sink = MetricsSink(run_dir, cfg.logger, choices or {}, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
-    parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, batches, cfg.objective,
+    parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma)
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
     finally:
+        prefetcher.close()
         sink.close()
     if acc.is_main_process and cfg.train.plot:
         plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List
+from typing import Callable, List
 
 import torch
 from torch import Tensor
@@ -32,10 +32,15 @@ class Batch:
     encoder_attention_mask: Tensor  # [B, L]
     context_latents: Tensor         # [B, T, 128]
 
+    def tensors(self) -> List[Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
+        return Batch(**{f.name: (fn(v) if isinstance(v, Tensor) else v)
+                        for f in fields(self) for v in [getattr(self, f.name)]})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {
-            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return Batch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())

@@ -32,7 +32,7 @@ class LoopParts:
     null_embedding: torch.Tensor       # [1, 1, H_enc] on the device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: Any                       # BatchStream: next_batch() -> Batch on the CPU
+    batches: Any                       # Prefetcher: next() -> (Batch on the device, seconds waited for it)
     objective: ObjectiveConfig
     timestep_mu: float
     timestep_sigma: float
@@ -65,9 +65,10 @@ def train_loop(
     step = start_step
     while step < stop:
         started = time.perf_counter()
-        step_loss, samples, frames, padded, grad_norm = 0.0, 0, 0, 0, float("nan")
+        step_loss, samples, frames, padded, waited, grad_norm = 0.0, 0, 0, 0, 0.0, float("nan")
         for _ in range(cfg.grad_accum):
-            batch = parts.batches.next_batch().to(acc.device)
+            batch, wait_s = parts.batches.next()
+            waited += wait_s
             with acc.accumulate(parts.decoder):
                 loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
                                           parts.timestep_mu, parts.timestep_sigma)
@@ -100,6 +101,7 @@ def train_loop(
                 "perf/samples_per_s": samples / elapsed,
                 "perf/frames_per_s": frames / elapsed,
                 "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
+                "data/stall_frac": waited / elapsed,  # share of the step spent waiting for input
                 **peak_memory_gb(acc.device),
             })
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -49,7 +49,16 @@ def test_batch_is_new_memory_and_moves_with_to():
 
 
 def test_mismatched_encoder_width_or_empty_batch_is_an_error():
-    with pytest.raises(ValueError, match="encoder width"):
+    with pytest.raises(ValueError, match=r"sample 'b' has encoder_hidden_states of shape \[2, 16\] but sample 'a' has \[2, 8\]"):
         collate([sample("a", 4, 2, width=8), sample("b", 4, 2, width=16)])
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_bf16_samples_become_a_float32_batch_with_exact_values():
+    a, b = sample("a", 5, 2), sample("b", 3, 2)
+    a16 = Sample(**{k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v) for k, v in vars(a).items()})
+    batch = collate([a16, b])
+    assert batch.target_latents.dtype == torch.float32
+    assert torch.equal(batch.target_latents[0], a16.target_latents.float())
+    assert torch.equal(batch.target_latents[1, 3:], torch.zeros(2, 64))  # padding is zero, not leftover memory
