@@ -6,6 +6,7 @@ resume -> loop -> final save and loss plot.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -115,6 +116,17 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
     run_dir = Path(run_dir)
     resume_from = check_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    losses = _train(cfg, run_dir, choices or {}, resume_from)
+    # Tear down in order on every process: _train's DDP wrapper and optimizer are freed by now, then all ranks meet
+    # and drop the process group together. A gloo rank whose peer already exited can hang in the destructor.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return losses
+
+
+def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: Optional[Path]) -> List[float]:
     cuda = torch.cuda.is_available()
     on_cpu, precision = resolve_hardware(cfg.hardware, cuda, cuda and torch.cuda.is_bf16_supported())
     acc = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
@@ -183,7 +195,7 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
             tqdm.write(f"checkpoint: {path}")
         acc.wait_for_everyone()
 
-    sink = MetricsSink(run_dir, cfg.logger, choices or {}, OmegaConf.to_container(OmegaConf.structured(cfg)),
+    sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma)
@@ -197,5 +209,4 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
     if losses:
         print0(f"done: step {start_step + len(losses)}, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
                f"run directory {run_dir.resolve()}")
-    acc.end_training()
     return losses

@@ -1,18 +1,45 @@
-"""Which sample indices form each batch, epoch after epoch, reproducibly and resumably.
+"""Which sample indices form each batch, epoch after epoch: length buckets, a frame budget, reproducible, resumable.
 
-The order of epoch `e` is a function of (seed, e) only: a `torch.Generator` seeded with `seed + EPOCH_STRIDE * e`
-draws a permutation (or `range(N)` when `shuffle=False`), cut into consecutive batches; with `drop_last=False` the
-last batch of an epoch may be smaller. Iteration never ends: after the last batch of an epoch the next epoch starts.
-`state_dict()` = {"epoch", "position"} (position = batches already taken from that epoch), so a run resumed with
-`load_state_dict` sees exactly the batches the uninterrupted run would have seen. Nothing here touches global RNGs.
+    sampler = LengthBucketSampler(lengths, batch_size, seed, shuffle, bucket_frames=250, max_frames_per_batch=0)
+    indices = sampler.next_batch()          # endless; moves to the next epoch after the last batch of one
 
-Several processes (`world_size` > 1): every rank draws the same epoch order, wraps it around to a multiple of
-`world_size` (as torch's DistributedSampler does; with drop_last it is cut instead) and takes every
-`world_size`-th index starting at `rank`, so ranks see disjoint shards of equal length and run the same number of
-batches per epoch. The state is the same on every rank.
+`lengths[i]` is the latent length (frames, 25 per second) sample i will have in a batch, i.e. after the crop cap
+(`crop.capped_lengths`). The batches of epoch `e` are a pure function of (lengths, settings, seed, e):
+
+1. Order. One `torch.Generator` seeded with `seed + EPOCH_STRIDE * e` draws a permutation of all indices
+   (`range(N)` when `shuffle=False`).
+2. Buckets. With `bucket_frames` > 0, sample i belongs to bucket `lengths[i] // bucket_frames`; each bucket keeps
+   the indices in the order of step 1 (a seeded shuffle within the bucket). `bucket_frames=0`: one bucket.
+3. Batches. Each bucket is cut into consecutive batches of its capacity: `batch_size`, or with a frame budget
+   `min(batch_size, max(1, max_frames_per_batch // longest clip of the bucket))`, so every batch satisfies
+   `count * longest <= max_frames_per_batch` -- except a batch of a single clip longer than the budget alone:
+   such clips are still trained, one per batch (`oversize_indices` lists them; `padding_stats` counts them).
+   The capacity is fixed per bucket (not greedy per batch), so the number of batches is the same in every epoch.
+   The last batch of a bucket may be smaller; `drop_last=True` drops it.
+4. Batch order. With more than one bucket and `shuffle=True`, the same generator permutes the batches, so training
+   does not go short -> long. (One bucket: the batches stay in the order of step 1, which makes unbucketed batching
+   identical to the plain shuffled batches of the former `EpochBatchSampler`, whose checkpoints still resume.)
+5. `worst_case_first` (epoch 0 only): the `world_size` batches with the largest padded size (count x longest
+   frames) move to the front, largest first, so every process runs its worst case at its first step.
+
+Several processes (`world_size` > 1). Steps 1-5 give the same global batch list on every rank. It is extended to a
+multiple of `world_size` by repeating batches from its start (cycling if there are fewer batches than ranks; like
+torch's DistributedSampler, but whole batches), or with `drop_last=True` cut to a multiple instead; rank r takes
+global batches r, r + world_size, r + 2 * world_size, ... So every rank runs `batches_per_epoch` batches, and
+within an epoch no index is on two ranks except in the (at most world_size - 1) repeated batches at the end.
+
+`state_dict()` = {"epoch", "position" (batches already taken from that epoch), "signature"}; the signature
+(num_samples, batch_size, bucket_frames, max_frames_per_batch, world_size, drop_last, shuffle, seed,
+worst_case_first and a hash of the lengths when they shape the batches) lets `load_state_dict` refuse a state of
+another batch setup with a ValueError naming what differs. A state without signature (older checkpoints) is
+accepted as long as its position fits. The state is the same on every rank. Nothing here touches global RNGs.
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -20,55 +47,84 @@ EPOCH_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct gene
 _SEED_MOD = 2**63
 
 
-class EpochBatchSampler:
-    """Infinite, deterministic batches of indices in [0, num_samples); every index exactly once per epoch
-    (with world_size > 1: once per epoch across ranks, plus up to world_size - 1 wrapped-around repeats)."""
+def _padded(batch: Sequence[int], lengths: Sequence[int]) -> int:
+    return len(batch) * max(lengths[i] for i in batch)
+
+
+class LengthBucketSampler:
+    """Infinite, deterministic batches of indices in [0, len(lengths)); every index exactly once per epoch
+    (with world_size > 1: once across ranks, plus the whole batches repeated to even out the ranks)."""
 
     def __init__(
         self,
-        num_samples: int,
+        lengths: Sequence[int],
         batch_size: int,
         seed: int,
         shuffle: bool,
-        drop_last: bool = False,
+        bucket_frames: int = 0,
+        max_frames_per_batch: int = 0,
+        worst_case_first: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = False,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"EpochBatchSampler: num_samples={num_samples} must be >= 1 (the dataset is empty)")
+        name = type(self).__name__
+        self.lengths = [int(t) for t in lengths]
+        if not self.lengths:
+            raise ValueError(f"{name}: num_samples=0, the dataset is empty")
+        if min(self.lengths) < 0:
+            raise ValueError(f"{name}: negative length {min(self.lengths)} in lengths")
         if batch_size < 1:
-            raise ValueError(f"EpochBatchSampler: batch_size={batch_size} must be >= 1")
+            raise ValueError(f"{name}: batch_size={batch_size} must be >= 1")
+        if bucket_frames < 0 or max_frames_per_batch < 0:
+            raise ValueError(f"{name}: bucket_frames={bucket_frames} and max_frames_per_batch="
+                             f"{max_frames_per_batch} must be >= 0 (0 = off)")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"EpochBatchSampler: need 0 <= rank < world_size, got {rank=}, {world_size=}")
-        self.rank = rank
-        self.world_size = world_size
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        if drop_last and batch_size > self.shard_size:
+            raise ValueError(f"{name}: need 0 <= rank < world_size, got {rank=}, {world_size=}")
+        self.num_samples = len(self.lengths)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.bucket_frames = int(bucket_frames)
+        self.max_frames_per_batch = int(max_frames_per_batch)
+        self.worst_case_first = bool(worst_case_first)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.drop_last = bool(drop_last)
+
+        # Epoch-independent layout: bucket of every index, capacity and batch count of every bucket.
+        self._bucket_of = [t // self.bucket_frames if self.bucket_frames else 0 for t in self.lengths]
+        longest: dict[int, int] = {}
+        members: dict[int, int] = {}
+        for b, t in zip(self._bucket_of, self.lengths):
+            longest[b] = max(longest.get(b, 0), t)
+            members[b] = members.get(b, 0) + 1
+        self._buckets = sorted(longest)
+        self._capacity = {b: self._bucket_capacity(longest[b]) for b in self._buckets}
+        self.num_global_batches = sum(
+            (members[b] // self._capacity[b]) if self.drop_last else -(-members[b] // self._capacity[b])
+            for b in self._buckets
+        )
+        if self.drop_last:
+            self.batches_per_epoch = self.num_global_batches // self.world_size
+        else:
+            self.batches_per_epoch = -(-self.num_global_batches // self.world_size)
+        if self.batches_per_epoch == 0:
             raise ValueError(
-                f"EpochBatchSampler: drop_last with batch_size={batch_size} > {self.shard_size} samples per process "
-                f"(num_samples={num_samples}, world_size={world_size}) would yield no batch at all; lower the batch "
-                "size or set drop_last=False."
+                f"{name}: drop_last leaves no batch for each of the {self.world_size} process(es) (num_samples="
+                f"{self.num_samples}, batch_size={self.batch_size}, {self.num_global_batches} full batch(es) per "
+                "epoch); lower the batch size or set drop_last=False."
             )
+
         self._epoch = 0
         self._position = 0
-        self._batches: list[list[int]] | None = None  # batches of self._epoch, built lazily
+        self._batches: Optional[list[list[int]]] = None  # this rank's batches of self._epoch, built lazily
 
-    @property
-    def shard_size(self) -> int:
-        """Indices this process gets per epoch (num_samples when world_size is 1)."""
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+    def _bucket_capacity(self, longest: int) -> int:
+        if not self.max_frames_per_batch or longest == 0:
+            return self.batch_size
+        return min(self.batch_size, max(1, self.max_frames_per_batch // longest))
 
-    @property
-    def batches_per_epoch(self) -> int:
-        full, rest = divmod(self.shard_size, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
-
+    # ------------------------------------------------------------------ introspection
     @property
     def epoch(self) -> int:
         """Epoch of the most recently returned batch (0 before the first)."""
@@ -79,22 +135,51 @@ class EpochBatchSampler:
         """Batches already returned from the current epoch."""
         return self._position
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """All indices in the order of `epoch`, shared by every rank (before sharding, batching, dropping)."""
-        if not self.shuffle:
-            return list(range(self.num_samples))
+    @property
+    def num_buckets(self) -> int:
+        return len(self._buckets)
+
+    @property
+    def oversize_indices(self) -> list[int]:
+        """Samples longer than max_frames_per_batch on their own: each is trained in a batch of one, over budget."""
+        if not self.max_frames_per_batch:
+            return []
+        return [i for i, t in enumerate(self.lengths) if t > self.max_frames_per_batch]
+
+    # ------------------------------------------------------------------ batches
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of `epoch` shared by every rank, before they are evened out and dealt to ranks."""
+        if epoch < 0:
+            raise ValueError(f"{type(self).__name__}: epoch={epoch} must be >= 0")
         g = torch.Generator().manual_seed((self.seed + EPOCH_STRIDE * epoch) % _SEED_MOD)
-        return torch.randperm(self.num_samples, generator=g).tolist()
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        per_bucket: dict[int, list[int]] = {b: [] for b in self._buckets}
+        for i in order:
+            per_bucket[self._bucket_of[i]].append(i)
+        batches: list[list[int]] = []
+        for b in self._buckets:
+            idx, cap = per_bucket[b], self._capacity[b]
+            stop = len(idx) - len(idx) % cap if self.drop_last else len(idx)
+            batches.extend(idx[k : k + cap] for k in range(0, stop, cap))
+        if self.shuffle and len(self._buckets) > 1:
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        if self.worst_case_first and epoch == 0:
+            ranked = sorted(range(len(batches)), key=lambda k: (-_padded(batches[k], self.lengths), k))
+            front = ranked[: self.world_size]
+            chosen = set(front)
+            batches = [batches[k] for k in front] + [x for k, x in enumerate(batches) if k not in chosen]
+        return batches
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of `epoch`, in order."""
-        order = self.epoch_order(epoch)
-        total = self.shard_size * self.world_size
-        while len(order) < total:  # wrap around so every rank gets shard_size indices
-            order = order + order[: total - len(order)]
-        order = order[:total][self.rank :: self.world_size]
-        n, b = self.batches_per_epoch, self.batch_size
-        return [order[i * b : (i + 1) * b] for i in range(n)]
+        """This rank's `batches_per_epoch` batches of `epoch`, in order."""
+        batches = self.global_batches(epoch)
+        total = self.batches_per_epoch * self.world_size
+        if total > len(batches):  # repeat from the start so every rank gets the same number of batches
+            batches = (batches * -(-total // len(batches)))[:total]
+        return [list(b) for b in batches[:total][self.rank :: self.world_size]]
 
     def next_batch(self) -> list[int]:
         """The next batch of indices (moves to the next epoch after the last batch of this one)."""
@@ -108,24 +193,87 @@ class EpochBatchSampler:
         self._position += 1
         return list(batch)
 
-    def __iter__(self) -> "EpochBatchSampler":
+    def __iter__(self) -> "LengthBucketSampler":
         return self
 
     def __next__(self) -> list[int]:
         return self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "position": self._position}
+    # ------------------------------------------------------------------ statistics
+    def padding_stats(self, epoch: int = 0) -> dict[str, Any]:
+        """Real vs padded frames of this rank's batches of `epoch`, and of the naive baseline: the whole dataset
+        in a seeded random order cut into batches of batch_size, each padded to its longest clip.
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue exactly after the batch at which `state` was taken (same num_samples/batch_size/seed needed)."""
+        Keys: batches, samples, real_frames, padded_frames, pad_fraction (= 1 - real / padded),
+        max_batch_frames (largest count x longest, the peak-memory batch), oversize_samples, and the same
+        naive_* for the baseline (naive_batches, naive_real_frames, naive_padded_frames, naive_pad_fraction,
+        naive_max_batch_frames)."""
+        L = self.lengths
+
+        def stats(batches: list[list[int]], prefix: str) -> dict[str, Any]:
+            real = sum(L[i] for b in batches for i in b)
+            padded = sum(_padded(b, L) for b in batches)
+            return {
+                f"{prefix}batches": len(batches),
+                f"{prefix}real_frames": real,
+                f"{prefix}padded_frames": padded,
+                f"{prefix}pad_fraction": 1.0 - real / padded if padded else 0.0,
+                f"{prefix}max_batch_frames": max((_padded(b, L) for b in batches), default=0),
+            }
+
+        mine = self.epoch_batches(epoch)
+        g = torch.Generator().manual_seed((self.seed + EPOCH_STRIDE * epoch) % _SEED_MOD)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        naive = [order[k : k + self.batch_size] for k in range(0, self.num_samples, self.batch_size)]
+        out = {"samples": sum(len(b) for b in mine), **stats(mine, ""), **stats(naive, "naive_")}
+        out["oversize_samples"] = len(self.oversize_indices)
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def signature(self) -> dict[str, Any]:
+        """What must match for a saved position to mean the same batches."""
+        shaped_by_lengths = bool(self.bucket_frames or self.max_frames_per_batch or self.worst_case_first)
+        lengths_hash = None
+        if shaped_by_lengths:
+            lengths_hash = hashlib.blake2b(array("q", self.lengths).tobytes(), digest_size=8).hexdigest()
+        return {
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "bucket_frames": self.bucket_frames,
+            "max_frames_per_batch": self.max_frames_per_batch,
+            "world_size": self.world_size,
+            "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "worst_case_first": self.worst_case_first,
+            "lengths_hash": lengths_hash,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position, "signature": self.signature()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly after the batch at which `state` was taken; refuses a state of another batch setup."""
+        name = type(self).__name__
         missing = {"epoch", "position"} - set(state)
         if missing:
-            raise ValueError(f"EpochBatchSampler.load_state_dict: missing {sorted(missing)} in {dict(state)}")
+            raise ValueError(f"{name}.load_state_dict: missing {sorted(missing)} in {dict(state)}")
+        saved = state.get("signature")
+        if saved is not None:
+            mine = self.signature()
+            diffs = [f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
+            if diffs:
+                hint = (" (lengths_hash: the clip lengths differ -- another dataset, or another dataset.max_seconds)"
+                        if any(d.startswith("lengths_hash") for d in diffs) else "")
+                raise ValueError(
+                    f"{name}.load_state_dict: the sampler state was saved with another batch setup, so its position "
+                    f"would not mean the same batches: {'; '.join(diffs)}{hint}. Resume with the dataset and "
+                    "batch settings of the interrupted run."
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
             raise ValueError(
-                f"EpochBatchSampler.load_state_dict: epoch={epoch}, position={position} is impossible with "
+                f"{name}.load_state_dict: epoch={epoch}, position={position} is impossible with "
                 f"{self.batches_per_epoch} batches per epoch (num_samples={self.num_samples}, "
                 f"batch_size={self.batch_size}); resume with the dataset and batch size of the interrupted run."
             )
@@ -133,7 +281,30 @@ class EpochBatchSampler:
 
     def __repr__(self) -> str:
         return (
-            f"EpochBatchSampler(num_samples={self.num_samples}, batch_size={self.batch_size}, seed={self.seed}, "
-            f"shuffle={self.shuffle}, drop_last={self.drop_last}, rank={self.rank}, world_size={self.world_size}, "
+            f"{type(self).__name__}(num_samples={self.num_samples}, batch_size={self.batch_size}, "
+            f"bucket_frames={self.bucket_frames}, max_frames_per_batch={self.max_frames_per_batch}, "
+            f"seed={self.seed}, shuffle={self.shuffle}, worst_case_first={self.worst_case_first}, "
+            f"drop_last={self.drop_last}, rank={self.rank}, world_size={self.world_size}, "
+            f"buckets={self.num_buckets}, batches_per_epoch={self.batches_per_epoch}, "
             f"epoch={self._epoch}, position={self._position})"
         )
+
+
+class EpochBatchSampler(LengthBucketSampler):
+    """Unbucketed fixed-size batches from a sample count (the former API, kept for callers without lengths):
+    `EpochBatchSampler(n, bs, seed, shuffle, ...)` == `LengthBucketSampler([1] * n, bs, seed, shuffle, ...)`;
+    its states load into a `LengthBucketSampler` with real lengths and bucket_frames=0, max_frames_per_batch=0,
+    worst_case_first=False (and back)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__([1] * max(0, num_samples), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                         rank=rank, world_size=world_size)
