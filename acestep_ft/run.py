@@ -19,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset
-from acestep_ft.data import BatchStream, EpochBatchSampler, build_dataset
+from acestep_ft.data import BatchStream, build_dataset
+from acestep_ft.data.crop import capped_lengths, seconds_to_frames
+from acestep_ft.data.sampler import LengthBucketSampler
 from acestep_ft.data.prefetch import Prefetcher
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.variants import build_meta_model
@@ -143,10 +145,19 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
 
     source = build_dataset(cfg.dataset, cfg.cache, encoder_width=model.null_condition_emb.shape[-1])
-    batches = BatchStream(source, EpochBatchSampler(
-        len(source), cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
-        rank=acc.process_index, world_size=acc.num_processes))
-    print0(f"data: {len(source)} samples ({cfg.dataset.kind}), batch {cfg.hardware.batch_size} x accum "
+    max_frames = seconds_to_frames(cfg.dataset.max_seconds)
+    sampler = LengthBucketSampler(
+        capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
+        shuffle=cfg.dataset.shuffle, bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
+        max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
+        rank=acc.process_index, world_size=acc.num_processes)
+    cuda_copy = cfg.hardware.device_prefetch and acc.device.type == "cuda"
+    batches = BatchStream(source, sampler, max_frames=max_frames, seed=cfg.train.seed, pin_memory=cuda_copy)
+    pads = sampler.padding_stats()
+    print0(f"data: {len(source)} samples ({cfg.dataset.kind}), {sampler.batches_per_epoch} batches per epoch "
+           f"per process, padding {100 * pads['pad_fraction']:.1f}% of frames (random batches: "
+           f"{100 * pads['naive_pad_fraction']:.1f}%), {pads['oversize_samples']} clip(s) over the frame budget")
+    print0(f"batch {cfg.hardware.batch_size} x accum "
            f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device} "
            f"(hardware.device={cfg.hardware.device}), precision {precision} "
            f"(hardware.mixed_precision={cfg.hardware.mixed_precision})")

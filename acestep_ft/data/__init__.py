@@ -1,7 +1,7 @@
 """Input pipeline: preprocessed or synthetic samples -> padded batches. Never imports the model or the trainer.
 
     source = build_dataset(cfg.dataset, cfg.cache, encoder_width)
-    sampler = EpochBatchSampler(len(source), batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle)
+    sampler = LengthBucketSampler(source.lengths, batch_size, seed=..., shuffle=..., bucket_frames=...)
     batches = BatchStream(source, sampler)      # batches.next_batch() -> Batch, resumable
 """
 
@@ -12,7 +12,7 @@ from acestep_ft.data.dataset import InMemorySource, SampleSource, build_dataset
 from acestep_ft.data.errors import DataError
 from acestep_ft.data.loader import BatchStream
 from acestep_ft.data.pt_format import PtDirectory, read_sample
-from acestep_ft.data.sampler import EpochBatchSampler
+from acestep_ft.data.sampler import EpochBatchSampler, LengthBucketSampler
 from acestep_ft.data.synthetic import make_synthetic_samples
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "CachedSource",
     "DataError",
     "EpochBatchSampler",
+    "LengthBucketSampler",
     "InMemorySource",
     "LruSampleCache",
     "PtDirectory",

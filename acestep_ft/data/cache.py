@@ -97,6 +97,13 @@ class CachedSource:
     def keys(self) -> list[str]:
         return self.source.keys
 
+    @property
+    def lengths(self) -> list[int]:
+        return self.source.lengths
+
+    def location(self, i: int) -> str:
+        return self.source.location(i)
+
     def __repr__(self) -> str:
         return f"CachedSource({self.source!r}, ram_lru {self.cache.max_bytes / GIB:.3g} GiB)"
 

@@ -21,7 +21,8 @@ from acestep_ft.data.synthetic import make_synthetic_samples
 
 @runtime_checkable
 class SampleSource(Protocol):
-    """Map-style collection of samples: `len(source)`, `source[i]`, and `source.keys` (one name per index)."""
+    """Map-style collection of samples: `len(source)`, `source[i]`, `source.keys` (one name per index),
+    `source.lengths` (latent frames T per index, known without decoding), `source.location(i)` (file or shard)."""
 
     def __len__(self) -> int: ...
 
@@ -29,6 +30,11 @@ class SampleSource(Protocol):
 
     @property
     def keys(self) -> list[str]: ...
+
+    @property
+    def lengths(self) -> list[int]: ...
+
+    def location(self, i: int) -> str: ...
 
 
 class InMemorySource:
@@ -46,6 +52,13 @@ class InMemorySource:
     @property
     def keys(self) -> list[str]:
         return [s.key for s in self.samples]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.target_latents.shape[0] for s in self.samples]
+
+    def location(self, i: int) -> str:
+        return f"generated sample {i}"
 
     def __repr__(self) -> str:
         return f"InMemorySource({len(self)} samples)"

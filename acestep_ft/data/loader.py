@@ -1,6 +1,7 @@
-"""Batches for the training loop: sampler indices -> samples from the source -> one padded `Batch`.
+"""Batches for the training loop: sampler indices -> samples from the source -> random crop -> one padded `Batch`.
 
 The loop only sees `next_batch()` and the resumable position (`state_dict` / `load_state_dict`, the sampler's).
+Crops are a pure function of (seed, epoch, index), so a resumed run crops exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ import torch
 
 from acestep_ft.data.batch import Batch
 from acestep_ft.data.collate import collate
+from acestep_ft.data.crop import crop_sample, crop_window
 from acestep_ft.data.dataset import SampleSource
 from acestep_ft.data.errors import DataError
-from acestep_ft.data.sampler import EpochBatchSampler
+from acestep_ft.data.sampler import LengthBucketSampler
 
 
-def check_finite(batch: Batch, indices: list[int]) -> None:
+def check_finite(batch: Batch, where: list[str]) -> None:
     """NaN/Inf in the input would silently poison training: stop with the sample and tensor that hold them."""
     for name in ("target_latents", "encoder_hidden_states", "context_latents"):
         values = getattr(batch, name)
         if not torch.isfinite(values).all():
-            bad = [k for k, row in zip(batch.keys, values) if not torch.isfinite(row).all()]
+            bad = [f"'{k}' ({loc})" for k, loc, row in zip(batch.keys, where, values) if not torch.isfinite(row).all()]
             raise DataError(
-                f"sample(s) {bad} (dataset indices {indices}): key '{name}' holds NaN or Inf values. Fix: re-run "
+                f"sample {', '.join(bad)}: key '{name}' holds NaN or Inf values. Fix: re-run "
                 f"preprocessing for these samples or remove them; `python -m acestep_ft.data.validate` lists every "
                 f"bad sample of a dataset."
             )
@@ -32,13 +34,24 @@ def check_finite(batch: Batch, indices: list[int]) -> None:
 class BatchStream:
     """An endless stream of collated batches in the sampler's deterministic order."""
 
-    def __init__(self, source: SampleSource, sampler: EpochBatchSampler) -> None:
+    def __init__(self, source: SampleSource, sampler: LengthBucketSampler, max_frames: int = 0, seed: int = 0,
+                 pin_memory: bool = False) -> None:
+        """`max_frames` > 0 crops longer clips to a random window of that many frames (seeded by `seed`)."""
         self.source, self.sampler = source, sampler
+        self.max_frames, self.seed, self.pin_memory = max_frames, seed, pin_memory
+
+    def _sample(self, i: int, epoch: int):
+        sample = self.source[i]
+        if self.max_frames:
+            start, end = crop_window(sample.target_latents.shape[0], self.max_frames, self.seed, epoch, i)
+            sample = crop_sample(sample, start, end)
+        return sample
 
     def next_batch(self) -> Batch:
         indices = self.sampler.next_batch()
-        batch = collate([self.source[i] for i in indices])
-        check_finite(batch, indices)
+        epoch = self.sampler.epoch  # the epoch of this batch
+        batch = collate([self._sample(i, epoch) for i in indices], pin_memory=self.pin_memory)
+        check_finite(batch, [self.source.location(i) for i in indices])
         return batch
 
     def state_dict(self) -> Dict[str, Any]:

@@ -112,11 +112,9 @@ def validate_sample(obj: Any, path: str | Path, encoder_width: int, key: Optiona
     return Sample(key=key if key is not None else path.stem, **data)
 
 
-def read_sample(path: str | Path, encoder_width: int, key: Optional[str] = None) -> Sample:
-    """Load one `.pt` file and validate it (see module docstring); raises DataError on any problem."""
-    path = Path(path)
+def _load(path: Path, use_mmap: bool = False) -> Any:
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=use_mmap)
     except FileNotFoundError as exc:
         raise data_error(path, "file disappeared after the dataset was indexed",
                          fix="restore the file or restart training.") from exc
@@ -125,15 +123,35 @@ def read_sample(path: str | Path, encoder_width: int, key: Optional[str] = None)
                          found=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                          expected="a torch.save'd dict of tensors (plus an optional metadata dict)",
                          fix=_REPROCESS) from exc
-    return validate_sample(obj, path, encoder_width, key=key)
+
+
+def read_sample(path: str | Path, encoder_width: int, key: Optional[str] = None, use_mmap: bool = False) -> Sample:
+    """Load one `.pt` file and validate it (see module docstring); raises DataError on any problem.
+
+    `use_mmap` maps the file instead of reading it into a buffer first (one copy less; cache.policy=mmap).
+    """
+    path = Path(path)
+    return validate_sample(_load(path, use_mmap), path, encoder_width, key=key)
+
+
+def latent_length(path: Path) -> int:
+    """T of a .pt sample from its header and tensor metadata (memory-mapped: the tensor bytes are not read)."""
+    obj = _load(path, use_mmap=True)
+    target = obj.get("target_latents") if isinstance(obj, dict) else None
+    if not isinstance(target, torch.Tensor) or target.ndim != 2:
+        raise data_error(path, "missing or malformed", key="target_latents",
+                         expected="a [T, 64] tensor", fix=_REPROCESS)
+    return int(target.shape[0])
 
 
 class PtDirectory:
     """Map-style source over a preprocessed directory; files are read and validated on every `__getitem__`."""
 
-    def __init__(self, path: str | Path, encoder_width: int) -> None:
+    def __init__(self, path: str | Path, encoder_width: int, use_mmap: bool = False) -> None:
         self.index: SampleIndex = index_directory(path)
         self.encoder_width = encoder_width
+        self.use_mmap = use_mmap
+        self._lengths: Optional[list[int]] = None
 
     def __len__(self) -> int:
         return len(self.index.paths)
@@ -143,7 +161,17 @@ class PtDirectory:
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples in {self.index.root}")
         i %= n
-        return read_sample(self.index.paths[i], self.encoder_width, key=self.index.keys[i])
+        return read_sample(self.index.paths[i], self.encoder_width, key=self.index.keys[i], use_mmap=self.use_mmap)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Latent frames T per sample (read once from the files' headers, for length bucketing)."""
+        if self._lengths is None:
+            self._lengths = [latent_length(p) for p in self.index.paths]
+        return self._lengths
+
+    def location(self, i: int) -> str:
+        return str(self.index.paths[i])
 
     @property
     def keys(self) -> list[str]:
