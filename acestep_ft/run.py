@@ -23,7 +23,10 @@ from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import LengthBucketSampler
 from acestep_ft.data.prefetch import Prefetcher
+from acestep_ft.data.dataset import resolve_cache_policy
+from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.model import load_model, save_full_model
+from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, signature,
@@ -98,6 +101,24 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     return resume_from
 
 
+def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
+    """Refuse data preprocessed with another model or condition encoder (dataset.allow_fingerprint_mismatch=true
+    overrides). Legacy .pt data has no fingerprint: say that it cannot be checked."""
+    if not isinstance(cfg.dataset, PreprocessedDataset):
+        return
+    data_fp = read_fingerprint(cfg.dataset.path)
+    if data_fp is None:
+        say("data fingerprint: none (legacy .pt data); which condition encoder produced it cannot be checked")
+        return
+    ours = make_fingerprint(cfg.model.variant, condition_encoder_digest(model), None, None, None, {})
+    problems = compare_fingerprints(data_fp, ours)
+    if problems and not cfg.dataset.allow_fingerprint_mismatch:
+        raise SystemExit(f"The data in {cfg.dataset.path} was not made for this model:\n  " + "\n  ".join(problems)
+                         + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")
+    say("data fingerprint: " + ("MISMATCH accepted (dataset.allow_fingerprint_mismatch=true):\n  "
+                                + "\n  ".join(problems) if problems else "matches the model"))
+
+
 def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
     def walk(node: Any, prefix: str) -> Dict[str, Any]:
@@ -144,6 +165,9 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
 
+    check_data_fingerprint(cfg, model, print0)
+    policy, why = resolve_cache_policy(cfg.dataset, cfg.cache)
+    print0(f"cache: {policy} ({why})")
     source = build_dataset(cfg.dataset, cfg.cache, encoder_width=model.null_condition_emb.shape[-1])
     max_frames = seconds_to_frames(cfg.dataset.max_seconds)
     sampler = LengthBucketSampler(

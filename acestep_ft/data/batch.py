@@ -11,7 +11,11 @@ from torch import Tensor
 
 @dataclass
 class Sample:
-    """One preprocessed track, exactly the tensors of the official per-sample .pt file."""
+    """One preprocessed track, exactly the tensors of the official per-sample .pt file.
+
+    Any float dtype (v3 sources hand out read-only-by-contract bf16 views into a mapped shard): never modify a
+    Sample's tensors in place; `collate` copies them into a new float32 batch.
+    """
 
     key: str                        # unique sample name (file stem or generated id)
     target_latents: Tensor          # [T, 64]  VAE latents, 25 frames/s

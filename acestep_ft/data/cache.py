@@ -1,6 +1,7 @@
 """Keep decoded samples in RAM between epochs: the `cache.policy` of the config.
 
 - `none`: every `source[i]` goes to the underlying source (for `.pt` directories: a file read + validation).
+- `mmap`: the source maps its files (v3 shards, or .pt files via torch.load(mmap=True)) instead of reading them.
 - `ram_lru`: an LRU of decoded `Sample`s bounded by `cache.max_gb` GiB, counting tensor bytes (numel x itemsize).
   A sample larger than the whole budget is returned but never stored. `hits` / `misses` count lookups.
 
@@ -15,7 +16,6 @@ from typing import Optional
 
 from torch import Tensor
 
-from acestep_ft.config import CacheConfig
 from acestep_ft.data.batch import Sample
 
 GIB = 1024**3
@@ -108,14 +108,15 @@ class CachedSource:
         return f"CachedSource({self.source!r}, ram_lru {self.cache.max_bytes / GIB:.3g} GiB)"
 
 
-def apply_cache(source, cfg: CacheConfig):
-    """The source wrapped according to `cfg.policy` ('none' returns it unchanged)."""
-    match cfg.policy:
-        case "none":
+def apply_cache(source, policy: str, max_gb: float):
+    """The source wrapped for `policy`: ram_lru adds an LRU; none and mmap return it unchanged (mmap is a way of
+    reading that the source itself was built with)."""
+    match policy:
+        case "none" | "mmap":
             return source
         case "ram_lru":
-            if cfg.max_gb < 0:
-                raise ValueError(f"cache.max_gb={cfg.max_gb} must be >= 0 (GiB of RAM for decoded samples)")
-            return CachedSource(source, LruSampleCache(int(cfg.max_gb * GIB)))
+            if max_gb < 0:
+                raise ValueError(f"cache.max_gb={max_gb} must be >= 0 (GiB of RAM for decoded samples)")
+            return CachedSource(source, LruSampleCache(int(max_gb * GIB)))
         case other:
-            raise ValueError(f"unknown cache.policy={other!r}; choose 'none' or 'ram_lru'")
+            raise ValueError(f"unresolved cache.policy={other!r}; choose none, mmap, ram_lru or auto")

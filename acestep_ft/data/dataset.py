@@ -1,22 +1,28 @@
 """The entry point of the input pipeline: config -> a map-style `SampleSource`.
 
-The training loop does:  indices = sampler.next_batch();  batch = collate([source[i] for i in indices]).
-The dataset option (`dataset=synthetic|pt`) picks where samples come from (synthetic, or a directory of preprocessed `.pt` files) and
-`cache.policy` whether decoded samples stay in RAM. Every source returns float32 `Sample`s whose
-encoder_hidden_states width equals the model's `encoder_width`.
+The dataset option picks where samples come from (`dataset=synthetic`: generated; `dataset=preprocessed`: a v3
+shard directory or official / Side-Step `.pt` files, `dataset.format` detected), `cache.policy` how they are read
+(none, mmap, ram_lru; auto chooses and says why). `.pt` sources return float32 samples; v3 sources return views in
+the stored dtype (bf16 usually), which `collate` converts. Every sample's encoder width equals the model's.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Protocol, Sequence, Tuple, runtime_checkable
 
-from acestep_ft.config import CacheConfig, DatasetConfig, PreprocessedDataset, SyntheticDataset
+import psutil
+
+from acestep_ft.config import (
+    CacheConfig, CachePolicy, DataFormat, DatasetConfig, PreprocessedDataset, SyntheticDataset,
+)
 from acestep_ft.data.batch import Sample
-from acestep_ft.data.cache import apply_cache
+from acestep_ft.data.cache import GIB, apply_cache
 from acestep_ft.data.errors import DataError
 from acestep_ft.data.pt_format import PtDirectory
 from acestep_ft.data.synthetic import make_synthetic_samples
+from acestep_ft.data.v3_reader import V3Directory, detect_format
 
 
 @runtime_checkable
@@ -64,22 +70,59 @@ class InMemorySource:
         return f"InMemorySource({len(self)} samples)"
 
 
+def resolve_format(cfg: PreprocessedDataset) -> str:
+    """`dataset.format`, with auto replaced by what the directory holds."""
+    if not cfg.path:
+        raise DataError(
+            "dataset=preprocessed needs dataset.path: the directory written by the ACE-Step or Side-Step "
+            "preprocessor, or a v3 dataset. Fix: add dataset.path=/path/to/dataset on the command line."
+        )
+    return detect_format(cfg.path) if cfg.format == DataFormat.auto else str(cfg.format)
+
+
+def choose_cache_policy(fmt: str, dataset_bytes: int, free_bytes: int, max_gb: float) -> Tuple[str, str]:
+    """cache.policy=auto: (policy, why). Pure: the caller measures the dataset and the free RAM."""
+    if fmt == "v3_sharded":
+        return "mmap", "v3 shards are read zero-copy through the page cache"
+    if fmt == "synthetic":
+        return "none", "generated samples already live in RAM"
+    decoded = 2 * dataset_bytes  # .pt files are often bf16; decoded samples are float32
+    gib = decoded / GIB
+    if decoded <= max_gb * GIB and decoded <= free_bytes // 2:
+        return "ram_lru", f"the decoded .pt dataset (~{gib:.2f} GiB) fits cache.max_gb and half the free RAM"
+    return "none", (f"the decoded .pt dataset (~{gib:.2f} GiB) exceeds cache.max_gb={max_gb} or half the free RAM "
+                    f"({free_bytes / GIB:.1f} GiB free); convert it to v3 shards for fast reads")
+
+
+def resolve_cache_policy(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig) -> Tuple[str, str]:
+    """The policy to use and why (auto decides from format, dataset size on disk and free RAM)."""
+    if cache_cfg.policy != CachePolicy.auto:
+        return str(cache_cfg.policy), "as configured (cache.policy)"
+    if isinstance(dataset_cfg, SyntheticDataset):
+        return choose_cache_policy("synthetic", 0, 0, cache_cfg.max_gb)
+    fmt = resolve_format(dataset_cfg)
+    size = sum(f.stat().st_size for f in Path(dataset_cfg.path).rglob("*") if f.is_file())
+    return choose_cache_policy(fmt, size, psutil.virtual_memory().available, cache_cfg.max_gb)
+
+
 def build_dataset(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig, encoder_width: int) -> SampleSource:
-    """The sample source described by `dataset_cfg`, wrapped by the cache policy of `cache_cfg`.
+    """The sample source described by `dataset_cfg`, read and cached as `cache_cfg` says.
 
     `encoder_width` is the model's condition-encoder width H_enc (encoder_hidden_size, or hidden_size when unset);
-    `.pt` samples of another width are rejected with a DataError when read.
+    samples of another width are rejected with a DataError.
     """
+    policy, _ = resolve_cache_policy(dataset_cfg, cache_cfg)
+    use_mmap = policy == "mmap"
     match dataset_cfg:
         case SyntheticDataset():
             source: SampleSource = InMemorySource(make_synthetic_samples(dataset_cfg, encoder_width))
         case PreprocessedDataset():
-            if not dataset_cfg.path:
-                raise DataError(
-                    "dataset=preprocessed needs dataset.path: the directory written by the ACE-Step or Side-Step "
-                    "preprocessor. Fix: add dataset.path=/path/to/preprocessed_tensors on the command line."
-                )
-            source = PtDirectory(dataset_cfg.path, encoder_width)
+            match resolve_format(dataset_cfg):
+                case "v3_sharded":
+                    source = V3Directory(dataset_cfg.path, encoder_width, dataset_cfg.verify_checksums, use_mmap)
+                case _:
+                    source = PtDirectory(dataset_cfg.path, encoder_width, use_mmap=use_mmap)
         case other:
-            raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or dataset=preprocessed")
-    return apply_cache(source, cache_cfg)
+            raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or "
+                             "dataset=preprocessed")
+    return apply_cache(source, policy, cache_cfg.max_gb)

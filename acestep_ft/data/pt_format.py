@@ -112,7 +112,7 @@ def validate_sample(obj: Any, path: str | Path, encoder_width: int, key: Optiona
     return Sample(key=key if key is not None else path.stem, **data)
 
 
-def _load(path: Path, use_mmap: bool = False) -> Any:
+def load_pt(path: Path, use_mmap: bool = False) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu", mmap=use_mmap)
     except FileNotFoundError as exc:
@@ -131,12 +131,12 @@ def read_sample(path: str | Path, encoder_width: int, key: Optional[str] = None,
     `use_mmap` maps the file instead of reading it into a buffer first (one copy less; cache.policy=mmap).
     """
     path = Path(path)
-    return validate_sample(_load(path, use_mmap), path, encoder_width, key=key)
+    return validate_sample(load_pt(path, use_mmap), path, encoder_width, key=key)
 
 
 def latent_length(path: Path) -> int:
     """T of a .pt sample from its header and tensor metadata (memory-mapped: the tensor bytes are not read)."""
-    obj = _load(path, use_mmap=True)
+    obj = load_pt(path, use_mmap=True)
     target = obj.get("target_latents") if isinstance(obj, dict) else None
     if not isinstance(target, torch.Tensor) or target.ndim != 2:
         raise data_error(path, "missing or malformed", key="target_latents",

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acestep_ft.atomic import atomic_directory
+from acestep_ft.data.fingerprint import tensor_digest
 
 from .acestep import AceStepModel, encoder_dims
 from .layers import layer_types
@@ -234,3 +235,8 @@ def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = to
                 if item.name in SUPPORT_FILES or (item.name.startswith("modeling_") and item.suffix == ".py"):
                     shutil.copy2(item, tmp / item.name)
     return target
+
+
+def condition_encoder_digest(model: AceStepModel) -> str:
+    """Identifies the condition-encoder weights whose outputs a preprocessed dataset caches (fingerprint field)."""
+    return tensor_digest({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -101,9 +102,7 @@ def read_metrics(path: Path) -> List[Dict]:
 def truncate_after(path: Path, step: int) -> None:
     """Keep only records with step <= `step` (a resumed run rewrites what came after)."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def plot_loss(path: Path, out_png: Path) -> None:

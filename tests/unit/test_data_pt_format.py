@@ -7,29 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sample_dict
 from acestep_ft.config import CacheConfig, PreprocessedDataset
 from acestep_ft.data import DataError, PtDirectory, build_dataset, read_sample
 
 H = 16
 FIELDS = ("target_latents", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "context_latents")
-
-
-def sample_dict(t: int, length: int = 9, width: int = H, dtype=torch.bfloat16, seed: int = 0) -> dict:
-    """What the preprocessor writes for one track (bf16 like a CUDA run), plus its metadata dict."""
-    g = torch.Generator().manual_seed(seed)
-    silence = torch.randn(t, 64, generator=g)
-    mask = torch.ones(length)
-    mask[length - 2 :] = 0
-    return {
-        "target_latents": torch.randn(t, 64, generator=g).to(dtype),
-        "attention_mask": torch.ones(t, dtype=dtype),
-        "encoder_hidden_states": torch.randn(length, width, generator=g).to(dtype),
-        "encoder_attention_mask": mask.to(dtype),
-        "context_latents": torch.cat([silence, torch.ones(t, 64)], -1).to(dtype),
-        "metadata": {"audio_path": f"/music/{seed}.wav", "filename": f"{seed}.wav", "caption": "lofi piano",
-                     "lyrics": "[Instrumental]", "duration": t / 25, "bpm": 90, "keyscale": "C major",
-                     "timesignature": "4", "is_instrumental": True},
-    }
 
 
 def assert_matches(sample, written: dict, key: str) -> None:

@@ -1,0 +1,270 @@
+"""The v3 packed dataset format, and its reader `V3Directory` (zero-copy mmap views, checksummed).
+
+A v3 dataset is a directory (written by `v3_writer.write_v3`, e.g. via `scripts/convert_pt_to_v3.py`):
+    shard-00000.tar, shard-00001.tar, ...   plain POSIX tars, webdataset convention, members stored uncompressed
+    fingerprint.json                        which model / encoders / settings produced the data (see `fingerprint`)
+    index.jsonl                             written LAST: a directory without it is not (yet) a v3 dataset
+Per sample, two consecutive tar members named `<key>.safetensors` (the five tensors of the official .pt file, in
+their original dtype: bf16 stays bf16) and `<key>.json` (`{"name": original name, "metadata": the .pt metadata dict}`).
+`<key>` is the original name made webdataset-safe (no dots or slashes: percent-escaped, long names shortened with a
+hash); the original name is the sample's `key` everywhere in acestep_ft. So standard tools work:
+    webdataset.WebDataset(shard_paths)  ->  {"__key__", "safetensors": bytes, "json": bytes}
+    safetensors.torch.load(sample["safetensors"])  ->  the tensors
+index.jsonl line 1 is the header:
+    {"format": "acestep-ft-v3", "schema_version": 1, "num_samples": N, "encoder_width": H_enc,
+     "checksum": "xxh3_64" | "crc32", "tensor_bytes": total, "shards": [{"name", "bytes", "samples"}, ...]}
+then one line per sample, in dataset order:
+    {"key", "name", "shard": file name, "offset", "length": the safetensors member's data in the shard file,
+     "checksum": hex of the member bytes, "T", "L", "duration_s": T / 25, "caption_sha1", "lyrics_sha1" (or null),
+     "json": [offset, length] of the json member,
+     "tensors": {field: [dtype, shape, offset, nbytes]}}     offsets are absolute byte positions in the shard file
+so a reader maps a tensor straight from the file without parsing the tar or the safetensors header.
+
+    src = V3Directory(path, encoder_width=2048)      # opens: header, shard sizes, widths checked; no data read
+    src.lengths, src.cond_lengths                    # T and L per sample, from the index
+    sample = src[i]                                  # tensors are views into an mmap of the shard (stored dtype)
+Sample tensors keep the stored dtype (collate converts to float32 while copying) and must not be modified in place:
+the private (copy-on-write) mapping keeps the file intact, but a changed view then fails its checksum on re-read.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import operator
+import os
+import zlib
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from acestep_ft.data.batch import Sample
+from acestep_ft.data.errors import DataError, data_error
+from acestep_ft.data.fingerprint import FINGERPRINT_NAME, read_fingerprint
+from acestep_ft.data.pt_format import REQUIRED_KEYS
+
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is installed with acestep_ft; crc32 keeps the format usable without
+    xxhash = None
+
+FORMAT = "acestep-ft-v3"
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.jsonl"
+SHARD_PATTERN = "shard-{:05d}.tar"
+FRAMES_PER_SECOND = 25
+CHECKSUMS = {"crc32": zlib.crc32}
+if xxhash is not None:
+    CHECKSUMS.update(xxh3_64=xxhash.xxh3_64_intdigest, xxh64=xxhash.xxh64_intdigest)
+DEFAULT_CHECKSUM = "xxh3_64" if xxhash is not None else "crc32"
+_RECONVERT = "re-run scripts/convert_pt_to_v3.py (or the preprocessing that wrote this dataset)."
+
+
+def _not_v3(root: Path) -> DataError:
+    shards = sorted(p.name for p in root.glob("shard-*.tar*")) if root.is_dir() else []
+    found = f"{len(shards)} shard files ({shards[0]} ...) but no {INDEX_NAME}" if shards else f"no {INDEX_NAME}"
+    why = ": a v3 write that did not finish (the index is written last)" if shards else ""
+    return data_error(root, f"is not a v3 dataset{why}", found=found,
+                      expected=f"{INDEX_NAME} + shard-*.tar + {FINGERPRINT_NAME}", fix=_RECONVERT)
+
+
+def detect_format(path: str | Path) -> Literal["v3_sharded", "pt"]:
+    """"v3_sharded" when the directory has index.jsonl, "pt" when it has .pt files or manifest.json, else DataError."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        root = root.parent
+    if not root.is_dir():
+        raise data_error(root, "dataset directory does not exist", fix="set dataset.path to a dataset directory.")
+    if (root / INDEX_NAME).is_file():
+        return "v3_sharded"
+    if any(root.glob("shard-*.tar*")):
+        raise _not_v3(root)
+    if (root / "manifest.json").is_file() or any(root.glob("*.pt")):
+        return "pt"
+    names = sorted(p.name for p in root.iterdir())
+    listing = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") or "nothing"
+    raise data_error(root, "is not a dataset directory", found=listing,
+                     expected=f"{INDEX_NAME} + shard-*.tar (v3) or *.pt files / manifest.json (official, Side-Step)",
+                     fix="point dataset.path at the output of preprocessing or of scripts/convert_pt_to_v3.py.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+class V3Directory:
+    """Map-style `SampleSource` over a v3 directory (see module docstring); picklable and safe across fork."""
+
+    def __init__(self, path: str | Path, encoder_width: int, verify_checksums: bool = True,
+                 use_mmap: bool = True) -> None:
+        self.root = Path(path).expanduser()
+        self.encoder_width, self.verify_checksums, self.use_mmap = encoder_width, verify_checksums, use_mmap
+        index = self.root / INDEX_NAME
+        if not index.is_file():
+            raise _not_v3(self.root)
+        lines = index.read_bytes().splitlines()
+        header = self._header(index, lines)
+        self.checksum_name = header["checksum"]
+        if verify_checksums and self.checksum_name not in CHECKSUMS:
+            raise data_error(index, "checksum algorithm not available", found=repr(self.checksum_name),
+                             expected=f"one of {sorted(CHECKSUMS)}",
+                             fix="pip install xxhash, or set dataset.verify_checksums=false.")
+        self.shards = [s["name"] for s in header["shards"]]
+        sizes = [s["bytes"] for s in header["shards"]]
+        for name, size in zip(self.shards, sizes):
+            shard = self.root / name
+            actual = shard.stat().st_size if shard.is_file() else None
+            if actual != size:
+                raise data_error(shard, "missing" if actual is None else "truncated or changed",
+                                 found="no file" if actual is None else f"{actual} bytes",
+                                 expected=f"{size} bytes (index.jsonl)", fix=_RECONVERT)
+        self.fingerprint: dict = read_fingerprint(self.root)
+        if self.fingerprint is None:
+            raise data_error(self.root / FINGERPRINT_NAME, "missing", expected="written with the shards",
+                             fix="restore fingerprint.json, or " + _RECONVERT)
+        self._read_entries(index, lines[1:], sizes)
+        self._reset()
+
+    def _header(self, index: Path, lines: list[bytes]) -> dict:
+        try:
+            header = json.loads(lines[0]) if lines else None
+            ok = header["format"] == FORMAT and isinstance(header["shards"], list)
+            version, n, width = header["schema_version"], header["num_samples"], header["encoder_width"]
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise data_error(index, "line 1 is not a v3 header", found=repr(lines[0][:120]) if lines else "empty file",
+                             expected=f'{{"format": "{FORMAT}", "schema_version", "num_samples", "shards", ...}}',
+                             fix=_RECONVERT)
+        if version != SCHEMA_VERSION:
+            raise data_error(index, "unsupported schema_version", found=str(version), expected=str(SCHEMA_VERSION),
+                             fix="update acestep_ft, or " + _RECONVERT)
+        if n != len(lines) - 1:
+            raise data_error(index, "sample count does not match the header", found=f"{len(lines) - 1} sample lines",
+                             expected=f"num_samples = {n}", fix=_RECONVERT)
+        if width != self.encoder_width:
+            raise data_error(index, "condition-encoder width does not match the model", key="encoder_hidden_states",
+                             found=f"H_enc = {width}", expected=f"H_enc = {self.encoder_width}",
+                             fix=f"train a model variant whose encoder_hidden_size is {width}, or re-run "
+                             "preprocessing with the checkpoint of the variant you train.")
+        return header
+
+    def _read_entries(self, index: Path, lines: list[bytes], sizes: list[int]) -> None:
+        shard_ids = {name: k for k, name in enumerate(self.shards)}
+        self._names, self.lengths, self.cond_lengths, self._recs = [], [], [], []
+        self.nbytes, dtypes = 0, {}
+        for lineno, line in enumerate(lines, start=2):
+            try:
+                e = json.loads(line)
+                shard, off, length = shard_ids[e["shard"]], e["offset"], e["length"]
+                fields = []
+                for field in REQUIRED_KEYS:
+                    dtype_name, shape, t_off, nbytes = e["tensors"][field]
+                    dtype = dtypes.get(dtype_name) or dtypes.setdefault(dtype_name, _dtype(dtype_name))
+                    numel = nbytes // dtype.itemsize
+                    ok = numel == int(torch.Size(shape).numel()) and off <= t_off and t_off + nbytes <= off + length
+                    if not ok:
+                        raise ValueError(f"tensor {field} lies outside its member or has a wrong size")
+                    fields.append((field, dtype, tuple(shape), t_off, numel))
+                    self.nbytes += nbytes
+                hidden_shape = fields[REQUIRED_KEYS.index("encoder_hidden_states")][2]
+                if off + length > sizes[shard] or hidden_shape[-1] != self.encoder_width:
+                    raise ValueError("member beyond the end of its shard, or an encoder width unlike the header's")
+                self._recs.append((shard, off, length, int(e["checksum"], 16), tuple(fields), tuple(e["json"])))
+                self._names.append(e["name"])
+                self.lengths.append(int(e["T"]))
+                self.cond_lengths.append(int(e["L"]))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise data_error(index, f"line {lineno} is not a valid sample entry", found=f"{exc!r}",
+                                 fix=_RECONVERT) from exc
+
+    # -- handles: one mmap (or fd) per shard, opened lazily, reopened in a forked or unpickled process ----------
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._hash = CHECKSUMS.get(self.checksum_name)
+        self._maps: list[Optional[mmap.mmap]] = [None] * len(self.shards)
+        self._fds: list[Optional[int]] = [None] * len(self.shards)
+
+    def _buffer(self, shard: int, off: int, length: int) -> tuple[object, int]:
+        """(buffer, its file offset): the whole shard's mmap, or a fresh bytearray read with pread."""
+        if self._pid != os.getpid():
+            self._reset()
+        if self.use_mmap:
+            m = self._maps[shard]
+            if m is None:
+                with open(self.root / self.shards[shard], "rb") as f:  # ACCESS_COPY: writable views, file untouched
+                    m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return m, 0
+        fd = self._fds[shard]
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.root / self.shards[shard], os.O_RDONLY)
+        buf = bytearray(length)
+        if os.preadv(fd, [buf], off) != length:
+            raise data_error(self.root / self.shards[shard], "truncated while reading", fix=_RECONVERT)
+        return buf, off
+
+    def __getitem__(self, i: int) -> Sample:
+        n, i = len(self._recs), operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples in {self.root}")
+        shard, off, length, checksum, fields, _ = self._recs[i]
+        buf, base = self._buffer(shard, off, length)
+        if self.verify_checksums:
+            with memoryview(buf) as view:
+                ok = self._hash(view[off - base: off - base + length]) == checksum
+            if not ok:
+                raise data_error(self.root / self.shards[shard], f"sample '{self._names[i]}' is corrupted",
+                                 found=f"a {self.checksum_name} checksum that differs from index.jsonl",
+                                 fix="restore the shard from a backup, or " + _RECONVERT)
+        tensors = {f: torch.frombuffer(buf, dtype=dt, count=numel, offset=o - base).view(shape)
+                   for f, dt, shape, o, numel in fields}
+        return Sample(key=self._names[i], **tensors)
+
+    def metadata(self, i: int) -> dict:
+        """The sample's metadata dict (caption, lyrics, ...), from its json member."""
+        shard, *_, (off, length) = self._recs[i]
+        buf, base = self._buffer(shard, off, length)
+        return json.loads(bytes(memoryview(buf)[off - base: off - base + length]))["metadata"]
+
+    def __len__(self) -> int:
+        return len(self._recs)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shard_of(self, i: int) -> str:
+        """File name of the shard holding sample i."""
+        return self.shards[self._recs[i][0]]
+
+    def location(self, i: int) -> str:
+        """Where sample i lives, for messages: the shard path and the member's byte offset."""
+        return f"{self.root / self.shard_of(i)} @ byte {self._recs[i][1]}"
+
+    def close(self) -> None:
+        """Drop the shard handles (mmaps are unmapped when the last tensor viewing them is gone)."""
+        for fd in self._fds:
+            if fd is not None and self._pid == os.getpid():
+                os.close(fd)
+        self._reset()
+
+    def __del__(self) -> None:
+        if "_fds" in self.__dict__:  # not when __init__ raised
+            self.close()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_maps"], state["_fds"], state["_pid"], state["_hash"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __repr__(self) -> str:
+        return (f"V3Directory({str(self.root)!r}, {len(self)} samples in {len(self.shards)} shards, "
+                f"{self.nbytes / 2**30:.2f} GiB)")
