@@ -62,3 +62,15 @@ def test_build_dataset_applies_policy_from_config():
     assert cached.cache.nbytes <= cached.cache.max_bytes
     with pytest.raises(ValueError, match="max_gb"):
         build_dataset(cfg, CacheConfig(policy="ram_lru", max_gb=-1), 8)
+
+
+def test_auto_cache_policy_decides_from_format_size_and_free_ram():
+    from acestep_ft.data.dataset import choose_cache_policy
+
+    gib = 1024**3
+    assert choose_cache_policy("v3_sharded", 100 * gib, gib, 4.0)[0] == "mmap"
+    assert choose_cache_policy("synthetic", 0, 0, 4.0)[0] == "none"
+    assert choose_cache_policy("pt", gib, 16 * gib, 4.0)[0] == "ram_lru"      # 2 GiB decoded fits
+    policy, why = choose_cache_policy("pt", 3 * gib, 16 * gib, 4.0)           # 6 GiB decoded > max_gb
+    assert policy == "none" and "convert it to v3" in why
+    assert choose_cache_policy("pt", gib, 3 * gib, 4.0)[0] == "none"          # > half the free RAM
