@@ -95,3 +95,16 @@ def test_auto_cache_picks_mmap_for_v3(tmp_path, policy, expected):
     _, v3 = make_datasets(tmp_path, n=2)
     chosen, why = resolve_cache_policy(PreprocessedDataset(path=str(v3)), CacheConfig(policy=policy))
     assert chosen == expected and "zero-copy" in why
+
+
+def test_resume_on_v3_with_buckets_crops_and_cache_is_exact(tmp_path):
+    _, v3 = make_datasets(tmp_path / "data", n=12)
+    common = ["dataset=preprocessed", f"dataset.path={v3}", "dataset.max_seconds=3", "dataset.bucket_seconds=2",
+              "dataset.allow_fingerprint_mismatch=true", "hardware.max_frames_per_batch=200",
+              "hardware.batch_size=4", "cache=ram_lru", "train.max_steps=9", "train.save_every=4"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for run_dir, extra in [(whole, []), (parts, ["train.stop_at_step=5"]), (parts, ["train.resume=auto"])]:
+        proc = run_train(run_dir, *common, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    read = lambda d: [json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").open()]  # noqa: E731
+    assert read(parts) == read(whole) and len(read(whole)) == 9
