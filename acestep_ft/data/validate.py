@@ -1,0 +1,339 @@
+"""Dataset QA: check a whole preprocessed dataset (.pt or v3, auto-detected) and report every problem at once.
+
+    python -m acestep_ft.data.validate --dataset-dir DIR [--encoder-width 2048] [--batch-size 4] [--bucket-seconds 10]
+        [--max-frames-per-batch 0] [--max-seconds S] [--min-seconds 1.0] [--model-variant X] [--json]
+
+Every sample is read once, streaming (one in memory at a time): .pt files with `load_pt`, v3 samples through
+`V3Directory` with checksums verified. A file or sample that cannot be read is an error and the scan goes on. Each
+problem names the file / shard, the sample key, the tensor key, what was found and the fix (checks: `qa_checks`).
+The report: a summary (samples, errors, warnings), the problems grouped by kind (at most --max-listed each), the
+fingerprint, length statistics, a length histogram and the padding of the configured batching vs random batches.
+Exit status: 1 when any error is found, 0 otherwise (warnings do not fail), 2 for usage errors (bad path, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from tqdm import tqdm
+
+from acestep_ft.config import DatasetConfig, HardwareConfig
+from acestep_ft.data import pt_index
+from acestep_ft.data.errors import DataError
+from acestep_ft.data.fingerprint import FINGERPRINT_NAME, compare_fingerprints, read_fingerprint
+from acestep_ft.data.pt_format import REQUIRED_KEYS, load_pt
+from acestep_ft.data.qa_checks import (ERROR, WARNING, Problem, Tally, check_sample, histogram, length_stats,
+                                       padding)
+from acestep_ft.data.v3_reader import CHECKSUMS, INDEX_NAME, V3Directory, detect_format
+
+MAX_LISTED = 50
+_RECONVERT = "restore the shard from a backup, or re-run scripts/convert_pt_to_v3.py (or the preprocessing)."
+
+
+def _fatal(check: str, where: Any, exc: Exception, fix: str = "") -> Problem:
+    """A DataError as a Problem (its message already carries found / expected / fix); where=None: the path the
+    message starts with."""
+    text = str(exc)
+    if where is None:
+        where, _, text = text.partition(": ") if ": " in text else ("?", "", text)
+    text = text.removeprefix(f"{where}: ")
+    message, _, own_fix = text.partition(" Fix: ")
+    return Problem(ERROR, check, str(where), message.rstrip("."), own_fix or fix or "see the message.")
+
+
+# ---------------------------------------------------------------------------------------------------- .pt
+def _pt_entries(root: Path, problems: list[Problem]) -> tuple[list[tuple[Path, str]], str]:
+    """(file, raw key) per sample, in training order, and the layout; manifest entries that resolve to no file
+    are reported one by one instead of stopping the scan."""
+    try:
+        index = pt_index.index_directory(root)
+        return [(p, p.name[:-3] if p.name.endswith(".pt") else p.stem) for p in index.paths], index.layout
+    except DataError:
+        manifest = root / pt_index.MANIFEST
+        if not manifest.is_file():
+            raise
+        entries = pt_index._read_manifest(manifest)  # a broken manifest raises: nothing to scan
+    found = []
+    for i, entry in enumerate(entries):
+        tried = pt_index._candidates(entry, root)
+        hit = next((p for p in tried if p.is_file()), None)
+        if hit is None:
+            problems.append(Problem(ERROR, "missing_file", str(manifest), f"samples[{i}] = {entry!r} not found "
+                                    f"(tried: {', '.join(map(str, tried))})", "copy the file into the dataset "
+                                    "directory, correct its path in manifest.json, or remove the entry."))
+        else:
+            found.append((hit, hit.name[:-3] if hit.name.endswith(".pt") else hit.stem))
+    return found, pt_index.MANIFEST
+
+
+def _scan_pt(root: Path, problems: list[Problem], tally: Tally, info: dict) -> Iterator[tuple[str, str, Any]]:
+    entries, info["layout"] = _pt_entries(root, problems)
+    info["samples"] = len(entries)
+    try:
+        info["fingerprint"] = read_fingerprint(root)
+    except DataError as exc:
+        problems.append(_fatal("fingerprint", root / FINGERPRINT_NAME, exc))
+    for path, key in entries:
+        tally.keys.append((key, str(path)))
+        try:
+            obj = load_pt(path)
+        except DataError as exc:
+            problems.append(replace(_fatal("unreadable", path, exc), sample=key))
+            yield str(path), key, None
+            continue
+        yield str(path), key, obj
+
+
+# ---------------------------------------------------------------------------------------------------- v3
+class _ScanV3(V3Directory):
+    """A V3Directory that opens despite truncated / missing shards, a missing fingerprint or bad index lines,
+    recording them as problems: the samples that can be read are still read (checksums verified, pread, no mmap)."""
+
+    def __init__(self, root: Path, problems: list[Problem]) -> None:  # noqa: super().__init__ would raise
+        self.root, self.verify_checksums, self.use_mmap = root, True, False
+        index = root / INDEX_NAME
+        lines = index.read_bytes().splitlines()
+        try:
+            self.encoder_width = int(json.loads(lines[0])["encoder_width"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            self.encoder_width = -1  # _header reports the broken header
+        header = self._header(index, lines)
+        self.checksum_name = header["checksum"]
+        if self.checksum_name not in CHECKSUMS:
+            raise DataError(f"{index}: checksum algorithm {self.checksum_name!r} not available. Fix: pip install "
+                            "xxhash.")
+        self.shards = [s["name"] for s in header["shards"]]
+        sizes = [s["bytes"] for s in header["shards"]]
+        for name, size in zip(self.shards, sizes):
+            actual = (root / name).stat().st_size if (root / name).is_file() else None
+            if actual != size:
+                problems.append(Problem(ERROR, "shard_size", str(root / name),
+                                        "missing" if actual is None else f"truncated or changed: {actual} bytes, "
+                                        f"index.jsonl says {size}", _RECONVERT))
+        try:
+            self.fingerprint = read_fingerprint(root)
+        except DataError as exc:
+            problems.append(_fatal("fingerprint", root / FINGERPRINT_NAME, exc))
+            self.fingerprint = None
+        recs, names, lengths, conds, nbytes = [], [], [], [], 0
+        for lineno, line in enumerate(lines[1:], start=2):
+            try:
+                self._read_entries(index, [line], sizes)
+            except DataError as exc:
+                problems.append(Problem(ERROR, "index_entry", str(index), f"line {lineno} is not a valid sample "
+                                        f"entry ({exc.__cause__!r})", _RECONVERT))
+                continue
+            recs += self._recs
+            names += self._names
+            lengths += self.lengths
+            conds += self.cond_lengths
+            nbytes += self.nbytes
+        self._recs, self._names, self.lengths, self.cond_lengths, self.nbytes = recs, names, lengths, conds, nbytes
+        self._reset()
+
+
+def _scan_v3(root: Path, problems: list[Problem], tally: Tally, info: dict) -> Iterator[tuple[str, str, Any]]:
+    info["layout"] = "v3 shards"
+    src = _ScanV3(root, problems)
+    info["samples"], info["fingerprint"], info["header_width"] = len(src), src.fingerprint, src.encoder_width
+    for i, key in enumerate(src.keys):
+        where = src.location(i)
+        tally.keys.append((key, where))
+        try:
+            sample = src[i]
+        except (DataError, OSError) as exc:
+            text = str(exc).partition(" Fix: ")[0].removeprefix(f"{root / src.shard_of(i)}: ").rstrip(".")
+            checksum = text.startswith(f"sample '{key}' is corrupted")
+            problems.append(Problem(ERROR, "checksum" if checksum else "unreadable", where,
+                                    text.removeprefix(f"sample '{key}' "), _RECONVERT, key))
+            yield where, key, None
+            continue
+        yield where, key, {k: getattr(sample, k) for k in REQUIRED_KEYS}
+    src.close()
+
+
+# ---------------------------------------------------------------------------------------------------- scan
+def _fingerprint_problems(fp: Optional[dict], root: Path, fmt: str, variant: Optional[str]) -> list[Problem]:
+    where = str(root / FINGERPRINT_NAME)
+    if fp is None:
+        fix = ("convert with scripts/convert_pt_to_v3.py --model-variant X to record one." if fmt == "pt"
+               else "restore fingerprint.json, or re-run scripts/convert_pt_to_v3.py.")
+        return [Problem(WARNING, "fingerprint", where, "no fingerprint: training cannot check that the data "
+                        "matches the model", fix)]
+    if variant is None:
+        return []
+    diffs = compare_fingerprints(fp, {"model_variant": variant})
+    if diffs:
+        message, _, fix = diffs[0].partition(" Fix: ")
+        return [Problem(ERROR, "fingerprint", where, message, fix)]
+    if fp.get("model_variant") in (None, "", "unknown"):
+        return [Problem(WARNING, "fingerprint", where, f"model_variant unknown, cannot check --model-variant "
+                        f"{variant}", "re-run preprocessing / conversion with --model-variant.")]
+    return []
+
+
+def validate(root: str | Path, encoder_width: Optional[int] = None, batch_size: int = HardwareConfig.batch_size,
+             bucket_seconds: float = DatasetConfig.bucket_seconds, max_frames_per_batch: int = 0,
+             max_seconds: Optional[float] = None, min_seconds: float = 1.0, model_variant: Optional[str] = None,
+             max_listed: int = MAX_LISTED, progress: bool = True) -> dict:
+    """Scan a dataset directory; returns the report (a JSON-safe dict). Raises DataError only when `root` is not
+    a dataset at all (usage error)."""
+    root = Path(root).expanduser()
+    fmt = detect_format(root)
+    root = root if root.is_dir() else root.parent
+    problems: list[Problem] = []
+    tally, info = Tally(), {"layout": "unknown", "samples": 0, "header_width": None}
+    scan = _scan_v3 if fmt == "v3_sharded" else _scan_pt
+    read = 0
+    try:
+        bar = tqdm(scan(root, problems, tally, info), desc=f"validate {root.name}", unit="sample", file=sys.stderr,
+                   disable=None if progress else True, mininterval=1.0)
+        for where, key, obj in bar:
+            bar.total = info["samples"]
+            if obj is None:
+                continue
+            read += 1
+            problems.extend(check_sample(obj, where, key, min_seconds))
+            tally.add(where, key, obj)
+            del obj
+    except DataError as exc:  # the index / manifest itself cannot be read: nothing (more) to scan
+        problems.append(_fatal("index", None, exc))
+    problems += tally.content_dups
+    header_width = info["header_width"]
+    if header_width is not None and encoder_width is not None and header_width != encoder_width:
+        problems.append(Problem(ERROR, "encoder_width", str(root / INDEX_NAME), f"H_enc = {header_width} for all "
+                                f"samples, expected {encoder_width} (--encoder-width)", "train a model variant whose "
+                                f"encoder_hidden_size is {header_width}, or re-run preprocessing with the checkpoint "
+                                "of the variant you train.", key="encoder_hidden_states"))
+        width, width_source = header_width, "index.jsonl header"
+    else:
+        width, width_problems = tally.width_problems(encoder_width if header_width is None else header_width)
+        problems += width_problems
+        width_source = ("--encoder-width" if encoder_width is not None else
+                        "index.jsonl header" if header_width is not None else "most common in the dataset")
+    problems += tally.key_problems("manifest.json" if info["layout"] == pt_index.MANIFEST else
+                                   "index.jsonl" if fmt == "v3_sharded" else "the directory")
+    if "fingerprint" in info:  # not when the index could not be read
+        problems += _fingerprint_problems(info["fingerprint"], root, fmt, model_variant)
+    return _report(root, fmt, info, read, problems, tally, width, width_source, max_listed, dict(
+        batch_size=batch_size, bucket_seconds=bucket_seconds, max_frames_per_batch=max_frames_per_batch,
+        max_seconds=max_seconds, min_seconds=min_seconds, model_variant=model_variant))
+
+
+def _report(root: Path, fmt: str, info: dict, read: int, problems: list[Problem], tally: Tally,
+            width: Optional[int], width_source: str, max_listed: int, settings: dict) -> dict:
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.severity, p.check), []).append(p)
+    order = sorted(groups, key=lambda g: (g[0] != ERROR, -len(groups[g]), g[1]))
+    errors = sum(p.severity == ERROR for p in problems)
+    return {
+        "dataset": str(root), "format": fmt, "layout": info["layout"], "samples": info["samples"],
+        "samples_read": read, "errors": errors, "warnings": len(problems) - errors, "ok": errors == 0,
+        "encoder_width": {"width": width, "source": width_source},
+        "fingerprint": info.get("fingerprint"),
+        "problems": [{"severity": s, "check": c, "count": len(groups[(s, c)]),
+                      "items": [p.to_dict() for p in groups[(s, c)][:max_listed]],
+                      "more": max(0, len(groups[(s, c)]) - max_listed)} for s, c in order],
+        "lengths": length_stats(tally.frames),
+        "histogram": histogram(tally.frames, settings["bucket_seconds"]),
+        "padding": padding(tally.frames, settings["batch_size"], settings["bucket_seconds"],
+                           settings["max_frames_per_batch"], settings["max_seconds"]),
+        "settings": settings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def render_text(report: dict) -> str:
+    r = report
+    verdict = "FAILED" if r["errors"] else "OK"
+    out = [f"Dataset {r['dataset']} ({r['format']}, {r['layout']})",
+           f"Summary: {r['samples']} samples ({r['samples_read']} read), {r['errors']} errors, "
+           f"{r['warnings']} warnings -> {verdict}"]
+    w = r["encoder_width"]
+    out.append(f"Encoder width: {w['width'] or 'unknown'} ({w['source']})")
+    fp = r["fingerprint"]
+    out.append("Fingerprint: " + (", ".join(f"{k}={v}" for k, v in sorted(fp.items()) if k != "settings")
+                                  if fp else "none"))
+    for g in r["problems"]:
+        out.append(f"\n{g['severity'].upper()} {g['check']} ({g['count']}):")
+        fixes = {item["fix"] for item in g["items"]}
+        for item in g["items"]:
+            p = Problem(**item)
+            out.append("  " + p.line() + ("" if len(fixes) == 1 else f". Fix: {p.fix}"))
+        if g["more"]:
+            out.append(f"  ... and {g['more']} more")
+        if len(fixes) == 1:
+            out.append(f"  Fix: {fixes.pop()}")
+    ls = r["lengths"]
+    out.append("")
+    if ls["count"]:
+        total = (f"{ls['total_hours']:.2f} h" if ls["total_hours"] >= 1 else f"{60 * ls['total_hours']:.1f} min")
+        out.append(f"Lengths: {ls['count']} clips, {total} total; min {ls['min_s']:.1f} s, "
+                   f"median {ls['median_s']:.1f} s, max {ls['max_s']:.1f} s")
+        h = r["histogram"]
+        peak = max(b["count"] for b in h["bins"]) or 1
+        out.append(f"Length histogram ({h['bucket_seconds']:g} s buckets):")
+        for b in h["bins"]:
+            bar = "#" * round(40 * b["count"] / peak)
+            out.append(f"  {b['lo_s']:g}-{b['hi_s']:g} s".ljust(16) + f"|{bar:<40}| {b['count']}")
+    else:
+        out.append("Lengths: no readable samples")
+    pad, s = r["padding"], r["settings"]
+    if pad:
+        crop = f"crop {s['max_seconds']:g} s" if s["max_seconds"] else "no crop"
+        bucket = f"bucket {s['bucket_seconds']:g} s" if s["bucket_seconds"] else "no bucketing"
+        budget = f"frame budget {s['max_frames_per_batch']}" if s["max_frames_per_batch"] else "no frame budget"
+        out.append(f"Padding (batch_size {s['batch_size']}, {bucket}, {budget}, {crop}): "
+                   f"{100 * pad['pad_fraction']:.1f}% of frames bucketed vs {100 * pad['naive_pad_fraction']:.1f}% "
+                   f"with random pad-to-longest batches; {pad['batches_per_epoch']} batch(es) per epoch, largest "
+                   f"batch {pad['max_batch_frames']} frames, {pad['oversize_samples']} clip(s) over the frame budget")
+    return "\n".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m acestep_ft.data.validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset-dir", required=True, help="preprocessed dataset directory (.pt or v3)")
+    p.add_argument("--encoder-width", type=int, default=None,
+                   help="expected H_enc (default: the v3 header's, or the most common width of the .pt files)")
+    p.add_argument("--batch-size", type=int, default=HardwareConfig.batch_size, help="hardware.batch_size")
+    p.add_argument("--bucket-seconds", type=float, default=DatasetConfig.bucket_seconds,
+                   help="dataset.bucket_seconds (0 = no bucketing)")
+    p.add_argument("--max-frames-per-batch", type=int, default=0, help="hardware.max_frames_per_batch (0 = off)")
+    p.add_argument("--max-seconds", type=float, default=None, help="dataset.max_seconds crop (default: none)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="warn about clips shorter than this")
+    p.add_argument("--model-variant", default=None, help="report a fingerprint whose model_variant differs")
+    p.add_argument("--max-listed", type=int, default=MAX_LISTED, help="problems listed per kind")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    bad = [f"{name} must be {rule}" for name, ok, rule in [
+        ("--batch-size", args.batch_size >= 1, ">= 1"), ("--bucket-seconds", args.bucket_seconds >= 0, ">= 0"),
+        ("--max-frames-per-batch", args.max_frames_per_batch >= 0, ">= 0"),
+        ("--encoder-width", args.encoder_width is None or args.encoder_width >= 1, ">= 1"),
+        ("--max-listed", args.max_listed >= 0, ">= 0")] if not ok]
+    if bad:
+        parser.error("; ".join(bad))
+    try:
+        report = validate(args.dataset_dir, args.encoder_width, args.batch_size, args.bucket_seconds,
+                          args.max_frames_per_batch, args.max_seconds, args.min_seconds, args.model_variant,
+                          args.max_listed, progress=not args.no_progress)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
