@@ -119,6 +119,25 @@ def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
                                 + "\n  ".join(problems) if problems else "matches the model"))
 
 
+def build_batches(cfg: Config, encoder_width: int, acc: Accelerator, say) -> BatchStream:
+    """Source (format + cache policy) -> length-bucketed sampler for this rank -> cropping, collating stream."""
+    policy, why = resolve_cache_policy(cfg.dataset, cfg.cache)
+    say(f"cache: {policy} ({why})")
+    source = build_dataset(cfg.dataset, cfg.cache, encoder_width=encoder_width)
+    max_frames = seconds_to_frames(cfg.dataset.max_seconds)
+    sampler = LengthBucketSampler(
+        capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
+        shuffle=cfg.dataset.shuffle, bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
+        max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
+        rank=acc.process_index, world_size=acc.num_processes)
+    pads = sampler.padding_stats()
+    say(f"data: {len(source)} samples ({cfg.dataset.kind}), {sampler.batches_per_epoch} batches per epoch per "
+        f"process, padding {100 * pads['pad_fraction']:.1f}% of frames (random batches: "
+        f"{100 * pads['naive_pad_fraction']:.1f}%), {pads['oversize_samples']} clip(s) over the frame budget")
+    cuda_copy = cfg.hardware.device_prefetch and acc.device.type == "cuda"
+    return BatchStream(source, sampler, max_frames=max_frames, seed=cfg.train.seed, pin_memory=cuda_copy)
+
+
 def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
     def walk(node: Any, prefix: str) -> Dict[str, Any]:
@@ -166,21 +185,7 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
 
     check_data_fingerprint(cfg, model, print0)
-    policy, why = resolve_cache_policy(cfg.dataset, cfg.cache)
-    print0(f"cache: {policy} ({why})")
-    source = build_dataset(cfg.dataset, cfg.cache, encoder_width=model.null_condition_emb.shape[-1])
-    max_frames = seconds_to_frames(cfg.dataset.max_seconds)
-    sampler = LengthBucketSampler(
-        capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
-        shuffle=cfg.dataset.shuffle, bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
-        max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
-        rank=acc.process_index, world_size=acc.num_processes)
-    cuda_copy = cfg.hardware.device_prefetch and acc.device.type == "cuda"
-    batches = BatchStream(source, sampler, max_frames=max_frames, seed=cfg.train.seed, pin_memory=cuda_copy)
-    pads = sampler.padding_stats()
-    print0(f"data: {len(source)} samples ({cfg.dataset.kind}), {sampler.batches_per_epoch} batches per epoch "
-           f"per process, padding {100 * pads['pad_fraction']:.1f}% of frames (random batches: "
-           f"{100 * pads['naive_pad_fraction']:.1f}%), {pads['oversize_samples']} clip(s) over the frame budget")
+    batches = build_batches(cfg, model.null_condition_emb.shape[-1], acc, print0)
     print0(f"batch {cfg.hardware.batch_size} x accum "
            f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device} "
            f"(hardware.device={cfg.hardware.device}), precision {precision} "
