@@ -27,7 +27,7 @@ class Sample:
 
 @dataclass
 class Batch:
-    """Samples zero-padded to the longest T and L of the batch (masks padded with 0)."""
+    """Samples zero-padded to the longest T and L of the batch (masks padded with 0), in the stored dtype."""
 
     keys: List[str]                 # B sample names
     target_latents: Tensor          # [B, T, 64]
@@ -45,6 +45,10 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def float(self) -> "Batch":
+        """float32 copies of bf16/fp16 fields (what the model is fed); float32 fields are returned as they are."""
+        return self._map(lambda t: t.float())
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t if t.is_pinned() else t.pin_memory())

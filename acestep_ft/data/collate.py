@@ -1,5 +1,5 @@
-"""Stack samples into a float32 `Batch`: zero-pad T and L to the batch maximum, masks padded with 0 (the official
-collate).
+"""Stack samples into a `Batch`: zero-pad T and L to the batch maximum, masks padded with 0 (the official collate).
+The batch keeps the stored float dtype (bf16 for most preprocessed data); `Batch.float()` converts, on the device.
 
 The output tensors are new memory (samples, which a cache may share, are never modified).
 """
@@ -13,12 +13,15 @@ from acestep_ft.data.batch import Batch, Sample
 
 
 def _pad(tensors: list[Tensor], pin_memory: bool) -> Tensor:
-    """[N_i, *rest] each (any float dtype) -> float32 [B, max N_i, *rest], zero-padded at the end of dim 0.
+    """[N_i, *rest] each -> [B, max N_i, *rest] zero-padded at the end of dim 0, in the samples' dtype when they
+    share one (bf16 data stays bf16: half the bytes to copy and to send to a GPU), else float32.
 
     One copy per sample straight into the (optionally pinned) output; only the padding tail is zeroed.
     """
     longest = max(t.shape[0] for t in tensors)
-    out = torch.empty((len(tensors), longest, *tensors[0].shape[1:]), dtype=torch.float32, pin_memory=pin_memory)
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 and tensors[0].is_floating_point() else torch.float32
+    out = torch.empty((len(tensors), longest, *tensors[0].shape[1:]), dtype=dtype, pin_memory=pin_memory)
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]].copy_(t)
         out[i, t.shape[0]:].zero_()
@@ -38,7 +41,7 @@ def _check_compatible(samples: list[Sample]) -> None:
 
 
 def collate(samples: list[Sample], pin_memory: bool = False) -> Batch:
-    """B samples -> one float32 Batch, keys kept in order (bf16/fp16 samples are converted while copying).
+    """B samples -> one Batch in the samples' common float dtype (float32 when they differ), keys kept in order.
 
     target_latents [B, T, 64], attention_mask [B, T], encoder_hidden_states [B, L, H_enc],
     encoder_attention_mask [B, L], context_latents [B, T, 128]; T = max T_i, L = max L_i.

@@ -83,8 +83,10 @@ def train_loop(
             padded += batch.attention_mask.numel() * acc.num_processes
         if not math.isfinite(step_loss):
             raise FloatingPointError(
-                f"loss became {step_loss} at step {step + 1}; lower optim.lr, keep optim.grad_clip > 0, or use "
-                f"hardware.mixed_precision=bf16 instead of fp16. The last good checkpoint is in the run directory."
+                f"loss became {step_loss} at step {step + 1} (last batch: samples {batch.keys}). If the data may hold "
+                f"NaN/Inf, check it with `python -m acestep_ft.data.validate --dataset-dir DIR`; otherwise lower "
+                f"optim.lr, keep optim.grad_clip > 0, or use hardware.mixed_precision=bf16 instead of fp16. The last "
+                f"good checkpoint is in the run directory."
             )
         lr = parts.scheduler.get_last_lr()[0]
         if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place

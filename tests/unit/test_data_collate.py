@@ -62,3 +62,13 @@ def test_bf16_samples_become_a_float32_batch_with_exact_values():
     assert batch.target_latents.dtype == torch.float32
     assert torch.equal(batch.target_latents[0], a16.target_latents.float())
     assert torch.equal(batch.target_latents[1, 3:], torch.zeros(2, 64))  # padding is zero, not leftover memory
+
+
+def test_batch_keeps_a_common_stored_dtype_and_float_converts():
+    to16 = lambda s: Sample(**{k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v)  # noqa: E731
+                               for k, v in vars(s).items()})
+    a, b = to16(sample("a", 5, 2)), to16(sample("b", 3, 2))
+    batch = collate([a, b])
+    assert batch.target_latents.dtype == torch.bfloat16  # half the bytes to copy and to move to a GPU
+    assert torch.equal(batch.float().target_latents[0], a.target_latents.float())
+    assert batch.float().encoder_hidden_states.dtype == torch.float32

@@ -59,6 +59,6 @@ def test_device_prefetch_copies_on_a_side_stream():
             got, _ = pre.next()
             expected = plain.next_batch()
             assert got.target_latents.is_cuda
-            assert torch.equal(got.target_latents.cpu(), expected.target_latents)
+            assert torch.equal(got.target_latents.cpu(), expected.target_latents.float())
     finally:
         pre.close()
