@@ -213,8 +213,8 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
             restore_rng(state.rng[acc.process_index], acc.device)
 
     if cfg.hardware.device_prefetch and acc.device.type != "cuda":
-        print0(f"device prefetch: off on {acc.device.type} (it needs a CUDA device); batches are still prepared in a "
-               "background thread")
+        print0(f"device prefetch: off on {acc.device.type} (it needs a CUDA device); batches are prepared "
+               "synchronously, between steps")
     prefetcher = Prefetcher(batches, acc.device, device_prefetch=cfg.hardware.device_prefetch)
 
     def save(step: int) -> None:

@@ -1,12 +1,14 @@
-"""Background batch preparation: read + collate batch N+1 (and copy it to the GPU) while step N runs.
+"""Batch preparation overlapped with the step: read + collate batch N+1 (and copy it to the GPU) while step N runs.
 
-A worker thread pulls batches from a `BatchStream` into a small queue. Reading shards through mmap, collating and
-`pin_memory` are memory copies that release the GIL, so on 2 cores a thread overlaps them with the step better than
-DataLoader worker processes, which would have to ship every MB-sized batch between processes.
+On a CUDA device with `device_prefetch`, a worker thread pulls batches from a `BatchStream` into a small queue, pins
+each one and copies it to the GPU on a side stream (then converts it to float32 there); the consumer makes its
+stream wait for that copy. Reading mmapped shards, collating and pinning are memory copies that release the GIL, so a
+thread overlaps them with GPU work better than DataLoader worker processes, which would have to ship every MB-sized
+batch between processes.
 
-On a CUDA device with `device_prefetch`, the worker pins each batch and copies it to the GPU on a side stream; the
-consumer makes its stream wait for that copy, so the transfer overlaps the previous step as well. Elsewhere the
-batch is moved to the device on the consumer's side (a no-op on CPU).
+Without a CUDA device there is no idle device to overlap with: the step's compute already uses every core, and a
+background thread measurably slowed CPU steps (docs/benchmarks.md), so batches are then prepared synchronously, on
+the plain path, and the time spent preparing them is what `next()` reports as waited.
 
 Resume stays exact: each queued batch carries the stream's position right after it, and `state_dict()` reports the
 position after the last batch handed out, not the worker's read-ahead position.
@@ -30,21 +32,25 @@ _STOP = object()
 class Prefetcher:
     """`next()` -> (float32 batch on `device`, seconds the caller waited for it). Call `close()` when done."""
 
-    def __init__(self, batches: BatchStream, device: torch.device, depth: int = 2, device_prefetch: bool = True):
+    def __init__(self, batches: BatchStream, device: torch.device, depth: int = 2, device_prefetch: bool = True,
+                 background: Optional[bool] = None):
+        """`background` None = a worker thread exactly when the batches go to a CUDA device with device_prefetch."""
         self.batches = batches
         self.device = torch.device(device)
         self.cuda_copy = device_prefetch and self.device.type == "cuda"
+        self.background = self.cuda_copy if background is None else background
         self.stream = torch.cuda.Stream(self.device) if self.cuda_copy else None
         self._state = batches.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
-        self._thread.start()
+        if self.background:
+            self._thread.start()
 
     def _prepare(self, batch: Batch) -> Tuple[Batch, Optional[torch.cuda.Event]]:
         """Ready for the model: on the device, in float32 (converted after the copy: half the bytes cross)."""
         if not self.cuda_copy:
-            return (batch.float() if self.device.type == "cpu" else batch), None
+            return batch.to(self.device).float(), None
         with torch.cuda.stream(self.stream):
             moved = batch.pin_memory().to(self.device, non_blocking=True).float()
             event = torch.cuda.Event()
@@ -67,6 +73,10 @@ class Prefetcher:
 
     def next(self) -> Tuple[Batch, float]:
         started = time.perf_counter()
+        if not self.background:
+            batch, _ = self._prepare(self.batches.next_batch())
+            self._state = self.batches.state_dict()
+            return batch, time.perf_counter() - started
         batch, event, state = self._queue.get()
         if batch is _STOP:
             raise event
@@ -76,8 +86,6 @@ class Prefetcher:
             current.wait_event(event)
             for tensor in batch.tensors():
                 tensor.record_stream(current)  # the side stream's allocation is now used on the compute stream
-        else:
-            batch = batch.to(self.device).float()
         self._state = state
         return batch, waited
 
@@ -87,6 +95,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+        if not self.background:
+            return
         while self._thread.is_alive():
             try:
                 self._queue.get(timeout=0.1)

@@ -15,9 +15,9 @@ def stream(seed=0):
     return BatchStream(source, EpochBatchSampler(len(source), 3, seed=seed, shuffle=True))
 
 
-def test_prefetched_batches_equal_the_plain_stream_and_state_is_the_consumed_position():
+def test_prefetched_batches_equal_the_plain_stream_and_state_is_the_consumed_position():  # background thread
     plain, ahead = stream(), stream()
-    pre = Prefetcher(ahead, torch.device("cpu"), depth=3)
+    pre = Prefetcher(ahead, torch.device("cpu"), depth=3, background=True)
     try:
         for _ in range(5):
             expected = plain.next_batch()
@@ -43,7 +43,7 @@ class Broken:
 
 
 def test_worker_errors_reach_the_consumer():
-    pre = Prefetcher(Broken(), torch.device("cpu"))
+    pre = Prefetcher(Broken(), torch.device("cpu"), background=True)
     with pytest.raises(DataError, match="shard-00003.tar"):
         pre.next()
     pre.close()
@@ -62,3 +62,16 @@ def test_device_prefetch_copies_on_a_side_stream():
             assert torch.equal(got.target_latents.cpu(), expected.target_latents.float())
     finally:
         pre.close()
+
+
+def test_cpu_default_is_the_synchronous_plain_path():
+    plain = stream()
+    pre = Prefetcher(stream(), torch.device("cpu"))
+    assert not pre.background
+    for _ in range(3):
+        got, waited = pre.next()
+        expected = plain.next_batch()
+        assert got.keys == expected.keys and waited > 0.0
+        assert got.target_latents.dtype == torch.float32
+    assert pre.state_dict() == plain.state_dict()
+    pre.close()
