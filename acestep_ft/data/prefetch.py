@@ -37,8 +37,9 @@ class Prefetcher:
         """`background` None = a worker thread exactly when the batches go to a CUDA device with device_prefetch."""
         self.batches = batches
         self.device = torch.device(device)
-        self.cuda_copy = device_prefetch and self.device.type == "cuda"
-        self.background = self.cuda_copy if background is None else background
+        on_cuda = device_prefetch and self.device.type == "cuda"
+        self.background = on_cuda if background is None else background
+        self.cuda_copy = on_cuda and self.background  # the side-stream copy is synchronised in the queue path only
         self.stream = torch.cuda.Stream(self.device) if self.cuda_copy else None
         self._state = batches.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))

@@ -30,9 +30,11 @@ the private (copy-on-write) mapping keeps the file intact, but a changed view th
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import operator
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Literal, Optional
@@ -87,6 +89,29 @@ def detect_format(path: str | Path) -> Literal["v3_sharded", "pt"]:
     raise data_error(root, "is not a dataset directory", found=listing,
                      expected=f"{INDEX_NAME} + shard-*.tar (v3) or *.pt files / manifest.json (official, Side-Step)",
                      fix="point dataset.path at the output of preprocessing or of scripts/convert_pt_to_v3.py.")
+
+
+SHARD_NAME = re.compile(r"shard-\d{5}\.tar")
+
+
+def _count(x: object) -> int:
+    """A non-negative integer from the index (sizes, offsets, dims), or ValueError."""
+    if type(x) is not int or x < 0:
+        raise ValueError(f"{x!r} is not a non-negative integer")
+    return x
+
+
+def _check_shapes(shapes: dict, encoder_width: int) -> tuple[int, int]:
+    """(T, L) of a sample whose tensor shapes are exactly the official ones, else ValueError naming the field."""
+    target, hidden = shapes["target_latents"], shapes["encoder_hidden_states"]
+    t_len = target[0] if len(target) == 2 else -1
+    c_len = hidden[0] if len(hidden) == 2 else -1
+    expected = {"target_latents": (t_len, 64), "attention_mask": (t_len,), "context_latents": (t_len, 128),
+                "encoder_hidden_states": (c_len, encoder_width), "encoder_attention_mask": (c_len,)}
+    for field, want in expected.items():
+        if shapes[field] != want or min(want) < 1:
+            raise ValueError(f"tensor {field} has shape {list(shapes[field])}, expected {list(want)} with T, L >= 1")
+    return t_len, c_len
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -146,6 +171,12 @@ class V3Directory:
         if n != len(lines) - 1:
             raise data_error(index, "sample count does not match the header", found=f"{len(lines) - 1} sample lines",
                              expected=f"num_samples = {n}", fix=_RECONVERT)
+        for entry in header["shards"]:
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                    and SHARD_NAME.fullmatch(entry["name"]) and type(entry.get("bytes")) is int and entry["bytes"] >= 0):
+                raise data_error(index, "invalid shard entry in the header", found=repr(entry)[:120],
+                                 expected='{"name": "shard-NNNNN.tar", "bytes": N}: shards live in the dataset '
+                                 "directory itself", fix=_RECONVERT)
         if width != self.encoder_width:
             raise data_error(index, "condition-encoder width does not match the model", key="encoder_hidden_states",
                              found=f"H_enc = {width}", expected=f"H_enc = {self.encoder_width}",
@@ -160,24 +191,28 @@ class V3Directory:
         for lineno, line in enumerate(lines, start=2):
             try:
                 e = json.loads(line)
-                shard, off, length = shard_ids[e["shard"]], e["offset"], e["length"]
-                fields = []
+                shard, off, length = shard_ids[e["shard"]], _count(e["offset"]), _count(e["length"])
+                json_off, json_len = (_count(x) for x in e["json"])
+                if off + length > sizes[shard] or json_off + json_len > sizes[shard]:
+                    raise ValueError("a member lies beyond the end of its shard")
+                fields, shapes = [], {}
                 for field in REQUIRED_KEYS:
                     dtype_name, shape, t_off, nbytes = e["tensors"][field]
                     dtype = dtypes.get(dtype_name) or dtypes.setdefault(dtype_name, _dtype(dtype_name))
-                    numel = nbytes // dtype.itemsize
-                    ok = numel == int(torch.Size(shape).numel()) and off <= t_off and t_off + nbytes <= off + length
-                    if not ok:
+                    shape, t_off, nbytes = tuple(_count(d) for d in shape), _count(t_off), _count(nbytes)
+                    numel = math.prod(shape)
+                    if nbytes != numel * dtype.itemsize or not off <= t_off <= t_off + nbytes <= off + length:
                         raise ValueError(f"tensor {field} lies outside its member or has a wrong size")
-                    fields.append((field, dtype, tuple(shape), t_off, numel))
+                    fields.append((field, dtype, shape, t_off, numel))
+                    shapes[field] = shape
                     self.nbytes += nbytes
-                hidden_shape = fields[REQUIRED_KEYS.index("encoder_hidden_states")][2]
-                if off + length > sizes[shard] or hidden_shape[-1] != self.encoder_width:
-                    raise ValueError("member beyond the end of its shard, or an encoder width unlike the header's")
-                self._recs.append((shard, off, length, int(e["checksum"], 16), tuple(fields), tuple(e["json"])))
-                self._names.append(e["name"])
-                self.lengths.append(int(e["T"]))
-                self.cond_lengths.append(int(e["L"]))
+                t_len, c_len = _check_shapes(shapes, self.encoder_width)
+                if (e["T"], e["L"]) != (t_len, c_len):
+                    raise ValueError(f"T/L {e['T']}/{e['L']} disagree with the tensor shapes ({t_len}/{c_len})")
+                self._recs.append((shard, off, length, int(e["checksum"], 16), tuple(fields), (json_off, json_len)))
+                self._names.append(str(e["name"]))
+                self.lengths.append(t_len)
+                self.cond_lengths.append(c_len)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise data_error(index, f"line {lineno} is not a valid sample entry", found=f"{exc!r}",
                                  fix=_RECONVERT) from exc
