@@ -247,6 +247,7 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     if acc.is_main_process and cfg.train.plot:
         plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
     if losses:
-        print0(f"done: step {start_step + len(losses)}, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-               f"run directory {run_dir.resolve()}")
+        k = max(1, len(losses) // 10)  # single steps are noisy: compare the means of the first and last tenth
+        print0(f"done: step {start_step + len(losses)}, loss {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f} "
+               f"(mean of the first / last {k} steps); run directory {run_dir.resolve()}")
     return losses
