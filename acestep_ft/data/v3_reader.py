@@ -233,6 +233,9 @@ class V3Directory:
             if m is None:
                 with open(self.root / self.shards[shard], "rb") as f:  # ACCESS_COPY: writable views, file untouched
                     m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # Ask for the whole member at once: page faults alone read a cold file in small readahead steps.
+            start = off - off % mmap.PAGESIZE
+            m.madvise(mmap.MADV_WILLNEED, start, off + length - start)
             return m, 0
         fd = self._fds[shard]
         if fd is None:
