@@ -91,6 +91,7 @@ def detect_format(path: str | Path) -> Literal["v3_sharded", "pt"]:
                      fix="point dataset.path at the output of preprocessing or of scripts/convert_pt_to_v3.py.")
 
 
+_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 SHARD_NAME = re.compile(r"shard-\d{5}\.tar")
 
 
@@ -233,9 +234,10 @@ class V3Directory:
             if m is None:
                 with open(self.root / self.shards[shard], "rb") as f:  # ACCESS_COPY: writable views, file untouched
                     m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            # Ask for the whole member at once: page faults alone read a cold file in small readahead steps.
-            start = off - off % mmap.PAGESIZE
-            m.madvise(mmap.MADV_WILLNEED, start, off + length - start)
+            if _WILLNEED is not None:  # POSIX; Windows maps without it
+                # Ask for the whole member at once: page faults alone read a cold file in small readahead steps.
+                start = off - off % mmap.PAGESIZE
+                m.madvise(_WILLNEED, start, off + length - start)
             return m, 0
         fd = self._fds[shard]
         if fd is None:
