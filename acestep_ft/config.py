@@ -226,6 +226,20 @@ class CacheConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Trainable parameters whose name matches `pattern` (regex, searched) train with lr * lr_mult."""
+
+    name: str = MISSING
+    """Group name (logged as train/lr/<name>)."""
+    pattern: str = MISSING
+    """Regex searched in the parameter name (e.g. `self_attn|cross_attn`); the first group that matches wins."""
+    lr_mult: float = 1.0
+    """Multiplier of optim.lr for this group."""
+    weight_decay: Optional[float] = None
+    """Weight decay of the group's matrices; None = optim.weight_decay. Norms, biases, embeddings never decay."""
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -245,6 +259,8 @@ class OptimConfig:
     """Final LR of the cosine schedule as a fraction of lr."""
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables clipping."""
+    param_groups: List[ParamGroupConfig] = field(default_factory=list)
+    """Named groups with LR multipliers; parameters matching none form the group "default" (lr_mult 1)."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from acestep_ft.train.checkpoint import (
 )
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
-from acestep_ft.train.optim import build_optimizer, build_scheduler
+from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
 from acestep_ft.train.trainable import count_parameters, make_trainable
 
 
@@ -191,6 +191,7 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
            f"(hardware.device={cfg.hardware.device}), precision {precision} "
            f"(hardware.mixed_precision={cfg.hardware.mixed_precision})")
 
+    print0("parameter groups:\n" + group_table(param_groups(decoder, cfg.optim)))
     optimizer = build_optimizer(decoder, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
 

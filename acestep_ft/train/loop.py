@@ -88,6 +88,7 @@ def train_loop(
                 f"optim.lr, keep optim.grad_clip > 0, or use hardware.mixed_precision=bf16 instead of fp16. The last "
                 f"good checkpoint is in the run directory."
             )
+        lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
         lr = parts.scheduler.get_last_lr()[0]
         if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
             parts.scheduler.step()
@@ -97,7 +98,8 @@ def train_loop(
         if step % cfg.log_every == 0 or step == stop:
             sink.log(step, {
                 "train/loss": step_loss,
-                "train/lr": lr,
+                "train/lr": lr,  # the first group's
+                **(lrs if len(lrs) > 1 else {}),
                 "train/grad_norm": grad_norm,
                 "perf/step_time_s": elapsed,
                 "perf/samples_per_s": samples / elapsed,

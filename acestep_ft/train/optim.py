@@ -1,6 +1,7 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizer, parameter groups and learning-rate schedule.
 
-Weight decay skips norms, biases, embeddings and the adaLN tables (1-D or table-like tensors), as usual for
+Parameter groups come from name patterns in the config (`optim.param_groups`), each with an LR multiplier; LoRA and
+full fine-tuning use the same mechanism (a LoRA run only has adapter tensors to place). Weight decay skips norms, biases, embeddings and the adaLN tables (1-D or table-like tensors), as usual for
 transformers. The optimizer class is a config leaf (`optim.optimizer._target_`), so any torch-compatible optimizer
 plugs in without code.
 """
@@ -8,6 +9,7 @@ plugs in without code.
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List
 
 import torch
@@ -25,26 +27,45 @@ def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(marker in name for marker in NO_DECAY_MARKERS)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two groups of the trainable parameters: with and without weight decay (empty groups dropped)."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, cfg: OptimConfig) -> List[Dict]:
+    """torch parameter groups of the trainable parameters: one per (configured group, decays or not).
+
+    Each trainable parameter lands in exactly one group: the first of `cfg.param_groups` whose pattern is found in its
+    name, else "default". Matrices take the group's weight decay; norms, biases, embeddings and adaLN tables take 0.
+    Empty groups are dropped; each group carries its lr (optim.lr x lr_mult) and, for the start-up table, its pattern.
+    """
+    specs = [(g.name, g.pattern, g.lr_mult, cfg.weight_decay if g.weight_decay is None else g.weight_decay)
+             for g in cfg.param_groups] + [("default", "(anything else)", 1.0, cfg.weight_decay)]
+    compiled = [re.compile(pattern) for _, pattern, _, _ in specs[:-1]]
+    buckets: Dict[tuple, List[torch.Tensor]] = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if takes_weight_decay(name, p) else no_decay).append(p)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
+            index = next((i for i, rx in enumerate(compiled) if rx.search(name)), len(specs) - 1)
+            buckets.setdefault((index, takes_weight_decay(name, p)), []).append(p)
+    if not buckets:
         raise ValueError("no trainable parameters: check mode.target_modules against the decoder's module names")
+    groups = []
+    for (index, decays), params in sorted(buckets.items()):
+        name, pattern, mult, wd = specs[index]
+        groups.append({"name": name if decays else f"{name}/no_decay", "pattern": pattern, "params": params,
+                       "lr": cfg.lr * mult, "weight_decay": wd if decays else 0.0})
     return groups
+
+
+def group_table(groups: List[Dict]) -> str:
+    """The start-up table: group, pattern, tensors, parameters, lr, weight decay."""
+    rows = [("group", "pattern", "tensors", "params", "lr", "wd")] + [
+        (g["name"], g["pattern"], str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
+         f"{g['lr']:.3g}", f"{g['weight_decay']:g}") for g in groups]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Instantiate `cfg.optimizer` over the parameter groups with lr from the config."""
     spec = OmegaConf.create(cfg.optimizer) if isinstance(cfg.optimizer, dict) else cfg.optimizer
-    return instantiate(spec, params=param_groups(module, cfg.weight_decay), lr=cfg.lr, _convert_="all")
+    groups = [{k: v for k, v in g.items() if k != "pattern"} for g in param_groups(module, cfg)]
+    return instantiate(spec, params=groups, lr=cfg.lr, _convert_="all")
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from acestep_ft.config import OptimConfig
-from acestep_ft.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from acestep_ft.config import FullMode, OptimConfig, ParamGroupConfig
+from acestep_ft.model import load_model
+from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, lr_factor, param_groups
+from acestep_ft.train.trainable import make_trainable
+from conftest import model_config
 
 
 class Tiny(nn.Module):
@@ -21,19 +24,48 @@ class Tiny(nn.Module):
 
 
 def test_groups_split_decay_and_skip_frozen():
-    groups = {g["name"]: g for g in param_groups(Tiny(), 0.1)}
     m = Tiny()
-    decay_ids = {id(p) for p in param_groups(m, 0.1)[0]["params"]}
-    assert decay_ids == {id(m.proj.weight)}
-    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    groups = {g["name"]: g for g in param_groups(m, OptimConfig(weight_decay=0.1))}
+    assert {id(p) for p in groups["default"]["params"]} == {id(m.proj.weight)}
+    assert groups["default"]["weight_decay"] == 0.1 and groups["default/no_decay"]["weight_decay"] == 0.0
     n_trainable = sum(1 for p in m.parameters() if p.requires_grad)
-    assert sum(len(g["params"]) for g in param_groups(m, 0.1)) == n_trainable  # each exactly once
+    assert sum(len(g["params"]) for g in groups.values()) == n_trainable  # each exactly once
+
+
+def test_named_groups_get_their_multiplier_and_every_parameter_exactly_one_group():
+    torch.manual_seed(0)
+    model = load_model(model_config())
+    make_trainable(model, FullMode())
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.05, param_groups=[
+        ParamGroupConfig(name="attention", pattern=r"(self|cross)_attn\.", lr_mult=0.5),
+        ParamGroupConfig(name="mlp", pattern=r"\.mlp\.", lr_mult=2.0, weight_decay=0.0),
+        ParamGroupConfig(name="also_attention", pattern=r"q_proj", lr_mult=9.0),  # shadowed: first match wins
+    ])
+    groups = param_groups(model.decoder, cfg)
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.decoder.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["attention"]["lr"] == pytest.approx(5e-4) and by_name["attention"]["weight_decay"] == 0.05
+    assert by_name["attention/no_decay"]["weight_decay"] == 0.0  # q_norm / k_norm
+    assert by_name["mlp"]["lr"] == pytest.approx(2e-3) and by_name["mlp"]["weight_decay"] == 0.0
+    assert "also_attention" not in by_name and by_name["default"]["lr"] == pytest.approx(1e-3)
+    table = group_table(groups)
+    assert table.splitlines()[0].split() == ["group", "pattern", "tensors", "params", "lr", "wd"]
+    assert any(line.startswith("attention ") and "0.0005" in line for line in table.splitlines())
+    # the scheduler scales every group's own lr
+    opt = build_optimizer(model.decoder, cfg)
+    sched = build_scheduler(opt, 10, cfg)
+    opt.step()
+    sched.step()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["mlp"] == pytest.approx(4 * lrs["attention"])
 
 
 def test_no_trainable_parameters_is_a_clear_error():
     m = Tiny().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        param_groups(m, 0.0)
+        param_groups(m, OptimConfig())
 
 
 def test_warmup_then_cosine_to_min():
