@@ -312,6 +312,22 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Exponential moving average of the trained weights (saved in checkpoints)."""
+
+    enabled: bool = False
+    """Keep an EMA of the trained weights."""
+    decay: float = 0.999
+    """Decay per update (0.999 averages over ~1,000 updates)."""
+    warmup: bool = True
+    """Ramp the decay up as min(decay, (1 + n) / (10 + n)) over the first updates."""
+    every: int = 1
+    """Update every N optimizer steps."""
+    on_cpu: bool = False
+    """Keep the EMA copy in host RAM instead of device memory (full fine-tuning of large decoders)."""
+
+
+@dataclass
 class TrainConfig:
     """Loop length, seeding, checkpointing and resume."""
 
@@ -335,6 +351,7 @@ class TrainConfig:
     """Save and stop at this step, keeping max_steps' schedule (split a run across job time limits)."""
     plot: bool = True
     """Write loss_curve.png into the run directory at the end."""
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

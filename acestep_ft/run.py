@@ -31,6 +31,7 @@ from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, signature,
 )
+from acestep_ft.train.ema import Ema
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
@@ -206,6 +207,12 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
 
     decoder, optimizer = acc.prepare(decoder, optimizer)
     null_embedding = model.null_condition_emb.detach().to(acc.device)
+    ema = None
+    if cfg.train.ema.enabled:
+        trained = [(n, p) for n, p in acc.unwrap_model(decoder).named_parameters() if p.requires_grad]
+        ema = Ema(trained, cfg.train.ema)
+        if state is not None and state.ema is not None:
+            ema.load_state_dict(state.ema)
     if state is not None:
         if state.scaler is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state.scaler)
@@ -227,7 +234,8 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
                 TrainingState(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped),
                               mode=cfg.mode.name, config=flat,
-                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None),
+                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                              ema=ema.state_dict() if ema is not None else None),
                 unwrapped,
                 save_full=lambda d: save_full_model(model, d, dtype=torch.float32),
                 config_yaml=config_yaml,
@@ -239,7 +247,7 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
-                      cfg.model.timestep_mu, cfg.model.timestep_sigma)
+                      cfg.model.timestep_mu, cfg.model.timestep_sigma, ema)
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
     finally:

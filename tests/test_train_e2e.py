@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from acestep_ft.train.metrics import read_metrics
 
@@ -51,7 +52,7 @@ def test_golden_losses_and_artifacts(tmp_path):
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
     common = [f"mode={mode}", "train.max_steps=8", "train.save_every=4", "dataset.num_samples=6",
-              "hardware.batch_size=2", "train.grad_accum=2", "train.plot=false"]
+              "hardware.batch_size=2", "train.grad_accum=2", "train.plot=false", "train.ema.enabled=true"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_train(whole, *common)
     run_train(parts, *common, "train.stop_at_step=3")  # stops off the save grid: the stop itself saves
@@ -60,6 +61,11 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
     assert "resumed from" in proc.stdout
     assert losses(parts) == losses(whole)  # exact, not approximate
     assert len(losses(whole)) == 8
+    final = [torch.load(d / "checkpoints" / "step-00000008" / "training_state.pt", weights_only=False)["ema"]
+             for d in (whole, parts)]
+    assert final[0]["updates"] == final[1]["updates"] == 8
+    for name, value in final[0]["shadow"].items():
+        assert torch.equal(value, final[1]["shadow"][name]), name
 
 
 def run_quick(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:

@@ -47,6 +47,7 @@ class TrainingState:
     mode: str
     config: Dict[str, Any]         # flattened resolved config ("optim.lr" -> 1e-4)
     scaler: Optional[Dict[str, Any]] = None  # fp16 GradScaler state
+    ema: Optional[Dict[str, Any]] = None     # Ema.state_dict() when train.ema.enabled
 
 
 # Settings that may change between a run and its resume without changing what is computed.

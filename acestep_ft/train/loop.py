@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.config import ObjectiveConfig, TrainConfig
+from acestep_ft.train.ema import Ema
 from acestep_ft.train.metrics import MetricsSink
 from acestep_ft.train.step import flow_matching_loss
 
@@ -36,6 +37,7 @@ class LoopParts:
     objective: ObjectiveConfig
     timestep_mu: float
     timestep_sigma: float
+    ema: Optional[Ema] = None          # averaged weights, updated after each optimizer step
 
 
 def peak_memory_gb(device: torch.device) -> Dict[str, float]:
@@ -90,9 +92,11 @@ def train_loop(
             )
         lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
         lr = parts.scheduler.get_last_lr()[0]
+        step += 1
         if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
             parts.scheduler.step()
-        step += 1
+            if parts.ema is not None:
+                parts.ema.update(step)
         losses.append(step_loss)
         elapsed = time.perf_counter() - started
         if step % cfg.log_every == 0 or step == stop:
