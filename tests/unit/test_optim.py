@@ -1,6 +1,7 @@
 """Weight-decay grouping and the warmup + cosine/constant schedule."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,23 @@ def test_other_optimizer_through_target():
     cfg = OptimConfig(optimizer={"_target_": "torch.optim.SGD", "momentum": 0.9}, lr=0.1)
     opt = build_optimizer(Tiny(), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_adamw8bit_from_its_preset_keeps_8_bit_states_and_trains():
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "optim" / "adamw8bit.yaml")
+    yaml.pop("defaults")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), yaml, {"lr": 1e-2}))
+    weight = torch.nn.Parameter(torch.randn(128, 64))
+    module = torch.nn.Module()
+    module.weight = weight
+    opt = build_optimizer(module, cfg)
+    assert type(opt).__name__ == "AdamW8bit"
+    start = (weight.detach() ** 2).sum()
+    for _ in range(5):
+        opt.zero_grad()
+        (weight ** 2).sum().backward()
+        opt.step()
+    assert opt.state[weight]["state1"].dtype == torch.uint8
+    assert (weight.detach() ** 2).sum() < start
