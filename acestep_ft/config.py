@@ -278,8 +278,9 @@ class HardwareConfig:
     batch_size."""
     device_prefetch: bool = True
     """Copy batch N+1 to the GPU on a side CUDA stream from pinned memory while step N runs (no effect on CPU)."""
-    gradient_checkpointing: bool = False
-    """Recompute each DiT layer's activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: int = 0
+    """Recompute DiT layer activations in the backward pass: 0 = off, 1 = every layer (least memory, ~30% more
+    compute), N = every N-th layer."""
 
 
 @dataclass

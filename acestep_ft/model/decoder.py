@@ -83,8 +83,9 @@ class DiTLayer(nn.Module):
 class AceStepDiTModel(nn.Module):
     """The DiT decoder. Attribute order mirrors the official module so `state_dict()` key order matches too.
 
-    Set `gradient_checkpointing = True` to recompute each DiT layer in the backward pass (training mode only;
-    non-reentrant torch.utils.checkpoint, so it composes with PEFT adapters and frozen base weights).
+    Set `gradient_checkpointing = N` to recompute every N-th DiT layer in the backward pass (1 or True = every layer,
+    0 = off; training mode only; non-reentrant torch.utils.checkpoint, so it composes with PEFT adapters and frozen
+    base weights). Layers in between keep their activations: less recompute for more memory.
     """
 
     def __init__(self, dims: StackDims, num_layers: int, in_channels: int, out_channels: int, patch_size: int,
@@ -92,7 +93,7 @@ class AceStepDiTModel(nn.Module):
         super().__init__()
         h = dims.hidden_size
         self.dims, self.patch_size = dims, patch_size
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: int = 0
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, h) / h**0.5)  # final adaLN (shift, scale)
         self.rotary_emb = RotaryEmbedding(dims.head_dim, dims.rope_theta)
         self.layers = nn.ModuleList([DiTLayer(dims) for _ in range(num_layers)])
@@ -153,10 +154,10 @@ class AceStepDiTModel(nn.Module):
         cross_mask = combine_masks(None, encoder_attention_mask)
         rope = self.rotary_emb(n_patches, x.device, x.dtype)
 
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        every = int(self.gradient_checkpointing) if self.training and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
             self_mask = band if self.dims.layer_is_sliding(i) else full_mask
-            if use_ckpt:
+            if every and i % every == 0:
                 x = checkpoint(layer, x, rope, temb_proj, self_mask, cond, cross_mask, use_reentrant=False)
             else:
                 x = layer(x, rope, temb_proj, self_mask, cond, cross_mask)

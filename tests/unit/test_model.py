@@ -286,15 +286,28 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
     b = batch(11)
     target = torch.randn(2, 11, 64)
     results = []
-    for ckpt in (False, True):
+    for ckpt in (0, 1, 2):  # off, every layer, every 2nd layer
         model.zero_grad()
         model.decoder.gradient_checkpointing = ckpt
         loss = F.mse_loss(model.decoder(**b), target)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    for g0, g1 in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+    for loss, grads in results[1:]:
+        assert torch.equal(results[0][0], loss)
+        for g0, g1 in zip(results[0][1], grads):
+            torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_exactly_the_chosen_layers():
+    model = random_tiny(0).train()
+    calls = [0] * len(model.decoder.layers)
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    for every, expected in ((0, [1, 1]), (1, [2, 2]), (2, [2, 1])):  # a recomputed layer runs again in backward
+        calls[:] = [0] * len(calls)
+        model.decoder.gradient_checkpointing = every
+        model.decoder(**batch(9)).sum().backward()
+        assert calls == expected, (every, calls)
 
 
 def test_lora_targets_every_attention_projection():
