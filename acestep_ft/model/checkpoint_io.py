@@ -47,6 +47,11 @@ CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "mod
 SUPPORT_FILES = ("configuration_acestep_v15.py", "apg_guidance.py", "silence_latent.pt")
 
 
+def official_field(official: Mapping[str, Any], name: str) -> Any:
+    """An architecture field of a checkpoint's config.json; absent means the official AceStepConfig default."""
+    return official.get(name, ARCH_DEFAULTS[name])
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
@@ -63,17 +68,17 @@ def config_differences(cfg: Any, official: Mapping[str, Any]) -> List[str]:
         if not _same(file_value, cfg_value):
             diffs.append(f"{name}: checkpoint={file_value!r}, config={cfg_value!r}")
 
-    for name, default in ARCH_DEFAULTS.items():
-        if name == "sliding_window" and not official.get("use_sliding_window", True) and not cfg.use_sliding_window:
+    for name in ARCH_DEFAULTS:
+        if name == "sliding_window" and not official_field(official, "use_sliding_window") and not cfg.use_sliding_window:
             continue  # no band at all, the width is irrelevant
         cfg_value = list(cfg.fsq_input_levels) if name == "fsq_input_levels" else getattr(cfg, name)
-        check(name, official.get(name, default), cfg_value)
+        check(name, official_field(official, name), cfg_value)
     ed = encoder_dims(cfg)
     mine = dict(zip(ENCODER_FIELDS, (ed.hidden_size, ed.intermediate_size, ed.num_heads, ed.num_kv_heads)))
     decoder_value = dict(zip(ENCODER_FIELDS, ("hidden_size", "intermediate_size", "num_attention_heads",
                                               "num_key_value_heads")))
     for name in ENCODER_FIELDS:
-        file_value = official.get(name) or official.get(decoder_value[name], ARCH_DEFAULTS[decoder_value[name]])
+        file_value = official.get(name) or official_field(official, decoder_value[name])
         check(name, file_value, mine[name])
     if official.get("layer_types") is not None and len(official["layer_types"]) == cfg.num_hidden_layers:
         check("layer_types", list(official["layer_types"]), layer_types(cfg.num_hidden_layers))
@@ -153,8 +158,8 @@ def load_model(cfg: Any, device: Any = "cpu", dtype: torch.dtype = torch.float32
     if official is not None:
         diffs = config_differences(cfg, official)
         if diffs:
-            looks_like = describe_size(official.get("num_hidden_layers", ARCH_DEFAULTS["num_hidden_layers"]),
-                                       official.get("hidden_size", ARCH_DEFAULTS["hidden_size"]))
+            looks_like = describe_size(official_field(official, "num_hidden_layers"),
+                                       official_field(official, "hidden_size"))
             raise ValueError(
                 f"{config_file} disagrees with the model config (variant={cfg.variant!r}) on:\n  " + "\n  ".join(diffs)
                 + f"\nThe checkpoint looks like {looks_like}; the config describes "
