@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -124,7 +125,8 @@ def build_batches(cfg: Config, encoder_width: int, acc: Accelerator, say) -> Bat
     """Source (format + cache policy) -> length-bucketed sampler for this rank -> cropping, collating stream."""
     policy, why = resolve_cache_policy(cfg.dataset, cfg.cache)
     say(f"cache: {policy} ({why})")
-    source = build_dataset(cfg.dataset, cfg.cache, encoder_width=encoder_width)
+    # pass the resolved policy on, so auto's directory scan and format detection run once
+    source = build_dataset(cfg.dataset, replace(cfg.cache, policy=policy), encoder_width=encoder_width)
     max_frames = seconds_to_frames(cfg.dataset.max_seconds)
     sampler = LengthBucketSampler(
         capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
