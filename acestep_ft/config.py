@@ -52,6 +52,23 @@ class MixedPrecision(StrEnum):
     fp16 = "fp16"
 
 
+class Distributed(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
+
+
+class TrainModule(StrEnum):
+    decoder = "decoder"
+    condition_encoder = "condition_encoder"
+
+
+class ExportDtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class LoggerBackend(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -158,12 +175,29 @@ class LoraMode:
 
 
 @dataclass
+class UnfreezeStage:
+    """Weights of one module (optionally a name-pattern subset) that start training at a step or epoch."""
+
+    module: TrainModule = TrainModule.decoder
+    """decoder, or condition_encoder (refused while the data holds its cached outputs, encoder_hidden_states)."""
+    pattern: str = ""
+    """Regex searched in parameter names relative to the module (e.g. layers\\.(2[0-3])\\.); empty = all of it."""
+    at_step: int = 0
+    """First optimizer step (0-based count of steps done) at which these weights train."""
+    at_epoch: Optional[int] = None
+    """Start at this epoch instead (converted with the sampler's batches per epoch); overrides at_step."""
+
+
+@dataclass
 class FullMode:
     """Train every weight of the DiT decoder; condition encoder, tokenizer and detokenizer frozen."""
 
     name: ClassVar[str] = "full"
     i_understand_vram_risk: bool = False
     """Full fine-tuning needs ~4x the weights in memory; set true to confirm."""
+    unfreeze: List[UnfreezeStage] = field(default_factory=list)
+    """Staged unfreezing: which weights train from when. Empty = the whole decoder from step 0. Given, only the
+    listed weights train, each from its stage's start; LR multipliers come from optim.param_groups."""
 
 
 @dataclass
@@ -177,6 +211,9 @@ class DatasetConfig:
     """Randomly crop longer clips to this many seconds (deterministic per seed, epoch and sample); None = whole clips."""
     bucket_seconds: float = 10.0
     """Width of the length buckets in seconds; a batch holds clips of one bucket (less padding); 0 = no bucketing."""
+    val_fraction: float = 0.0
+    """Share of the samples held out for validation (chosen by a hash of each sample key, so the split is stable
+    when samples are added); 0 = no validation split."""
     worst_case_first: bool = False
     """Make the first batch one of the longest clips, so an out-of-memory shows at step 1, not hours in."""
 
@@ -209,6 +246,8 @@ class PreprocessedDataset(DatasetConfig):
     """auto = detect from the directory; v3_sharded = webdataset shards + index; pt = official / Side-Step .pt files."""
     verify_checksums: bool = True
     """v3: check each sample's checksum when it is read (catches corrupted shards; costs one pass over the bytes)."""
+    val_path: Optional[str] = None
+    """A separate preprocessed directory to validate on (instead of val_fraction)."""
     allow_fingerprint_mismatch: bool = False
     """Train even when the data's fingerprint (model, encoders, preprocessing) differs from the model's (experts)."""
 
@@ -278,9 +317,16 @@ class HardwareConfig:
     batch_size."""
     device_prefetch: bool = True
     """Copy batch N+1 to the GPU on a side CUDA stream from pinned memory while step N runs (no effect on CPU)."""
-    gradient_checkpointing: int = 0
+    gradient_checkpointing: float = 0
     """Recompute DiT layer activations in the backward pass: 0 = off, 1 = every layer (least memory, ~30% more
-    compute), N = every N-th layer."""
+    compute), an integer N >= 2 = every N-th layer, a ratio 0 < r < 1 = that share of the layers, evenly spaced."""
+    distributed: Distributed = Distributed.ddp
+    """Multi-process strategy: ddp (replicated weights), fsdp (FSDP2: weights, grads and optimizer state sharded
+    per DiT layer; needs CUDA) or deepspeed (ZeRO, stage in zero_stage). One process: no effect."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 = optimizer state, 2 = + gradients, 3 = + weights sharded."""
+    offload: bool = False
+    """fsdp/deepspeed: keep the optimizer state (fsdp: also weights) in host RAM."""
 
 
 @dataclass
@@ -326,6 +372,34 @@ class EmaConfig:
     """Update every N optimizer steps."""
     on_cpu: bool = False
     """Keep the EMA copy in host RAM instead of device memory (full fine-tuning of large decoders)."""
+    for_eval: bool = True
+    """Validate and generate samples with the EMA weights."""
+    for_export: bool = True
+    """Write the EMA weights into the final export (checkpoints always hold the raw weights plus the EMA)."""
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when the validation loss stops improving."""
+
+    patience: int = 0
+    """Evaluations without an improvement of at least min_delta before stopping; 0 = never stop early."""
+    min_delta: float = 0.0
+    """Smallest decrease of the validation loss that counts as an improvement."""
+
+
+@dataclass
+class SampleConfig:
+    """Generate latents from fixed noise for fixed validation conditions while training."""
+
+    every_epochs: int = 0
+    """Every N epochs (and at the end); 0 = never."""
+    num: int = 2
+    """Conditions taken from the first validation samples (or training samples without a split)."""
+    steps: int = 8
+    """Euler steps of the flow sampler from t=1 (noise) to t=0."""
+    shift: float = 3.0
+    """Timestep shift of the sampler schedule (turbo uses 3)."""
 
 
 @dataclass
@@ -343,7 +417,13 @@ class TrainConfig:
     save_every: int = 50
     """Write a checkpoint every N optimizer steps (and always at the end)."""
     keep_last: int = 2
-    """Checkpoints kept in the run directory (older ones are deleted)."""
+    """Checkpoints kept in the run directory (older ones are deleted; the best by validation loss is also kept)."""
+    val_every: int = 0
+    """Validate every N optimizer steps (and at the end); 0 = once per epoch. Needs a validation split."""
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    export_dtype: ExportDtype = ExportDtype.float32
+    """dtype of the final export in <run>/export (full model in the official layout, or the LoRA adapter)."""
     resume: Optional[str] = None
     """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint / run directory path."""
     resume_strict: bool = True
