@@ -80,12 +80,26 @@ class DiTLayer(nn.Module):
         return (x + self.mlp(h) * c_gate).type_as(x)
 
 
+def checkpointed_layers(setting: float, num_layers: int) -> set[int]:
+    """Indices of the layers to recompute: 0 = none; 1 = all; an integer N >= 2 = every N-th (0, N, 2N, ...);
+    0 < r < 1 = round(r * num_layers) layers spread evenly over the stack."""
+    if setting < 0 or (setting > 1 and setting != int(setting)):
+        raise ValueError(f"gradient_checkpointing={setting}: use 0, 1, an integer N >= 2 or a ratio in (0, 1)")
+    if setting == 0:
+        return set()
+    if setting >= 1:
+        return set(range(0, num_layers, int(setting)))
+    count = round(setting * num_layers)
+    return {int(k * num_layers / count) for k in range(count)}
+
+
 class AceStepDiTModel(nn.Module):
     """The DiT decoder. Attribute order mirrors the official module so `state_dict()` key order matches too.
 
-    Set `gradient_checkpointing = N` to recompute every N-th DiT layer in the backward pass (1 or True = every layer,
-    0 = off; training mode only; non-reentrant torch.utils.checkpoint, so it composes with PEFT adapters and frozen
-    base weights). Layers in between keep their activations: less recompute for more memory.
+    Set `gradient_checkpointing` to recompute DiT layers in the backward pass (see `checkpointed_layers`: 0 = off,
+    1 or True = every layer, N = every N-th, 0 < r < 1 = that share; training mode only; non-reentrant
+    torch.utils.checkpoint, so it composes with PEFT adapters and frozen base weights). Layers in between keep their
+    activations: less recompute for more memory.
     """
 
     def __init__(self, dims: StackDims, num_layers: int, in_channels: int, out_channels: int, patch_size: int,
@@ -93,7 +107,7 @@ class AceStepDiTModel(nn.Module):
         super().__init__()
         h = dims.hidden_size
         self.dims, self.patch_size = dims, patch_size
-        self.gradient_checkpointing: int = 0
+        self.gradient_checkpointing: float = 0
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, h) / h**0.5)  # final adaLN (shift, scale)
         self.rotary_emb = RotaryEmbedding(dims.head_dim, dims.rope_theta)
         self.layers = nn.ModuleList([DiTLayer(dims) for _ in range(num_layers)])
@@ -154,10 +168,12 @@ class AceStepDiTModel(nn.Module):
         cross_mask = combine_masks(None, encoder_attention_mask)
         rope = self.rotary_emb(n_patches, x.device, x.dtype)
 
-        every = int(self.gradient_checkpointing) if self.training and torch.is_grad_enabled() else 0
+        recompute = set()
+        if self.training and torch.is_grad_enabled():
+            recompute = checkpointed_layers(self.gradient_checkpointing, len(self.layers))
         for i, layer in enumerate(self.layers):
             self_mask = band if self.dims.layer_is_sliding(i) else full_mask
-            if every and i % every == 0:
+            if i in recompute:
                 x = checkpoint(layer, x, rope, temb_proj, self_mask, cond, cross_mask, use_reentrant=False)
             else:
                 x = layer(x, rope, temb_proj, self_mask, cond, cross_mask)

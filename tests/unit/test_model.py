@@ -303,11 +303,24 @@ def test_gradient_checkpointing_recomputes_exactly_the_chosen_layers():
     calls = [0] * len(model.decoder.layers)
     for i, layer in enumerate(model.decoder.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))  # pre: recompute may stop early
-    for every, expected in ((0, [1, 1]), (1, [2, 2]), (2, [2, 1])):  # a recomputed layer runs again in backward
+    for every, expected in ((0, [1, 1]), (1, [2, 2]), (2, [2, 1]), (0.5, [2, 1])):  # a recomputed layer runs again in backward
         calls[:] = [0] * len(calls)
         model.decoder.gradient_checkpointing = every
         model.decoder(**batch(9)).sum().backward()
         assert calls == expected, (every, calls)
+
+
+def test_checkpointed_layer_choice():
+    from acestep_ft.model.decoder import checkpointed_layers
+    assert checkpointed_layers(0, 24) == set()
+    assert checkpointed_layers(1, 24) == set(range(24))
+    assert checkpointed_layers(3, 24) == {0, 3, 6, 9, 12, 15, 18, 21}
+    assert checkpointed_layers(0.5, 24) == set(range(0, 24, 2))
+    assert checkpointed_layers(0.25, 24) == {0, 4, 8, 12, 16, 20}  # evenly spread, not the first six
+    assert len(checkpointed_layers(0.3, 10)) == 3 and len(checkpointed_layers(0.01, 10)) == 0
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="gradient_checkpointing"):
+            checkpointed_layers(bad, 24)
 
 
 def test_lora_targets_every_attention_projection():
