@@ -7,7 +7,10 @@ resume -> loop -> final save and loss plot.
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -16,27 +19,32 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
+from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import LengthBucketSampler
 from acestep_ft.data.prefetch import Prefetcher
-from acestep_ft.data.dataset import resolve_cache_policy
+from acestep_ft.data.dataset import SampleSource, resolve_cache_policy, split_train_val
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
+from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import (
-    TrainingState, capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, signature,
+    TrainingState, capture_rng, load_checkpoint, mark_best, resolve_resume, restore_rng, save_checkpoint, signature,
 )
+from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
+from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents, validation_loss
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
-from acestep_ft.train.trainable import count_parameters, make_trainable
+from acestep_ft.train.trainable import count_parameters, export_trained, held_back, make_trainable, unfreeze_starts
 
 
 def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
@@ -87,6 +95,16 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     on_cpu, _ = resolve_hardware(cfg.hardware, torch.cuda.is_available(), False)
     if cfg.hardware.mixed_precision == MixedPrecision.fp16 and on_cpu:
         problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    try:
+        checkpointed_layers(cfg.hardware.gradient_checkpointing, cfg.model.num_hidden_layers)
+    except ValueError as err:
+        problems.append(f"hardware.{err}")
+    problems += validation_problems(cfg)
+    if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
+        try:
+            unfreeze_starts(build_meta_model(cfg.model).decoder, cfg.mode.unfreeze, steps_per_epoch=1)
+        except ValueError as err:
+            problems.append(str(err))
     if isinstance(cfg.mode, LoraMode):
         missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
         if missing:
@@ -101,6 +119,37 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     if problems:
         raise SystemExit("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
     return resume_from
+
+
+def validation_problems(cfg: Config) -> List[str]:
+    """Validation split, early stopping and sampling settings that cannot work, each with its fix."""
+    problems = []
+    val_path = getattr(cfg.dataset, "val_path", None)
+    if not 0.0 <= cfg.dataset.val_fraction < 1.0:
+        problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction} must be in [0, 1).")
+    if val_path is not None and cfg.dataset.val_fraction > 0:
+        problems.append("dataset.val_path and dataset.val_fraction are both set: choose one validation split.")
+    if val_path is not None and not Path(os.path.expanduser(val_path)).exists():
+        problems.append(f"dataset.val_path={val_path} does not exist.")
+    has_val = val_path is not None or cfg.dataset.val_fraction > 0
+    if cfg.train.early_stop.patience > 0 and not has_val:
+        problems.append("train.early_stop.patience needs a validation split: set dataset.val_fraction (e.g. 0.1) or "
+                        "dataset.val_path.")
+    if cfg.train.val_every < 0 or cfg.train.early_stop.patience < 0 or cfg.train.samples.every_epochs < 0:
+        problems.append("train.val_every, train.early_stop.patience and train.samples.every_epochs must be >= 0.")
+    if cfg.train.samples.every_epochs and (cfg.train.samples.num < 1 or cfg.train.samples.steps < 1):
+        problems.append("train.samples.num and train.samples.steps must be >= 1.")
+    return problems
+
+
+def data_fingerprint_digest(cfg: Config) -> Optional[str]:
+    """Digest of the training data's fingerprint.json, stored in checkpoints (None: synthetic or legacy .pt data)."""
+    if not isinstance(cfg.dataset, PreprocessedDataset):
+        return None
+    fingerprint = read_fingerprint(cfg.dataset.path)
+    if fingerprint is None:
+        return None
+    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
@@ -121,12 +170,28 @@ def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
                                 + "\n  ".join(problems) if problems else "matches the model"))
 
 
-def build_batches(cfg: Config, encoder_width: int, acc: Accelerator, say) -> BatchStream:
-    """Source (format + cache policy) -> length-bucketed sampler for this rank -> cropping, collating stream."""
+def build_sources(cfg: Config, encoder_width: int, say) -> Tuple[SampleSource, Optional[SampleSource]]:
+    """(training source, validation source or None): format + cache policy, then the split."""
     policy, why = resolve_cache_policy(cfg.dataset, cfg.cache)
     say(f"cache: {policy} ({why})")
     # pass the resolved policy on, so auto's directory scan and format detection run once
-    source = build_dataset(cfg.dataset, replace(cfg.cache, policy=policy), encoder_width=encoder_width)
+    cache = replace(cfg.cache, policy=policy)
+    source = build_dataset(cfg.dataset, cache, encoder_width=encoder_width)
+    val_path = getattr(cfg.dataset, "val_path", None)
+    if val_path is not None:
+        val = build_dataset(replace(cfg.dataset, path=val_path, val_path=None), cache, encoder_width=encoder_width)
+        say(f"validation: {len(val)} samples from dataset.val_path={val_path}")
+        return source, val
+    if cfg.dataset.val_fraction > 0:
+        source, val = split_train_val(source, cfg.dataset.val_fraction)
+        say(f"validation: {len(val)} held-out samples (dataset.val_fraction={cfg.dataset.val_fraction}, chosen by "
+            f"key hash), {len(source)} for training")
+        return source, val
+    return source, None
+
+
+def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> BatchStream:
+    """Length-bucketed sampler for this rank over `source` -> cropping, collating stream."""
     max_frames = seconds_to_frames(cfg.dataset.max_seconds)
     sampler = LengthBucketSampler(
         capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
@@ -151,6 +216,33 @@ def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     flat = walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
     flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
     return flat
+
+
+def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_dir: Path, step: int,
+                     acc: Accelerator) -> Dict[str, float]:
+    """Latents sampled from fixed noise for the first train.samples.num conditions of `source`, written to
+    <run>/samples/step-N.safetensors (main process); returns their metrics. Every process runs the sampler, so
+    sharded models see every collective."""
+    spec = cfg.train.samples
+    val = ValidationSet(source, spec.num, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed)
+    batch, lengths = val.batch(range(min(spec.num, len(source))))
+    batch = batch.to(acc.device).float()
+    noise = fixed_noise(batch.keys, lengths, cfg.train.seed, "sample").to(acc.device)
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        latents = sample_latents(decoder, batch, noise, spec.steps, spec.shift, cfg.objective.attention_mask)
+    finally:
+        decoder.train(was_training)
+    real = batch.attention_mask.bool()
+    if acc.is_main_process:
+        tensors = {key: latents[i, :length].cpu().contiguous() for i, (key, length) in enumerate(zip(batch.keys,
+                                                                                                   lengths))}
+        out = run_dir / "samples" / f"step-{step:08d}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, save_safetensors(tensors, metadata={"format": "pt", "step": str(step)}))
+    return {"samples/latent_std": float(latents[real].std()),
+            "samples/mse_to_target": float(((latents - batch.target_latents)[real] ** 2).mean())}
 
 
 def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]] = None) -> List[float]:
@@ -188,7 +280,9 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
 
     check_data_fingerprint(cfg, model, print0)
-    batches = build_batches(cfg, model.null_condition_emb.shape[-1], acc, print0)
+    train_source, val_source = build_sources(cfg, model.null_condition_emb.shape[-1], print0)
+    batches = build_batches(cfg, train_source, acc, print0)
+    steps_per_epoch = max(1, batches.sampler.batches_per_epoch // cfg.train.grad_accum)
     print0(f"batch {cfg.hardware.batch_size} x accum "
            f"{cfg.train.grad_accum} x {acc.num_processes} process(es), device {acc.device} "
            f"(hardware.device={cfg.hardware.device}), precision {precision} "
@@ -198,9 +292,10 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     optimizer = build_optimizer(decoder, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
 
+    data_digest = data_fingerprint_digest(cfg)
     start_step, state = 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, decoder, cfg.mode.name, flat, cfg.train.resume_strict)
+        state = load_checkpoint(resume_from, decoder, cfg.mode.name, flat, cfg.train.resume_strict, data_digest)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         batches.load_state_dict(state.sampler)
@@ -209,6 +304,16 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
 
     decoder, optimizer = acc.prepare(decoder, optimizer)
     null_embedding = model.null_condition_emb.detach().to(acc.device)
+    held = []
+    if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
+        starts = unfreeze_starts(acc.unwrap_model(decoder), cfg.mode.unfreeze, steps_per_epoch)
+        held = held_back(acc.unwrap_model(decoder), starts)
+        print0("unfreeze schedule: " + "; ".join(
+            [f"{sum(1 for v in starts.values() if v == 0)} tensors from step 0"]
+            + [f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} params) from step {at}" for at, ps in held]))
+    early_stop = EarlyStopping(cfg.train.early_stop.patience, cfg.train.early_stop.min_delta)
+    if state is not None and state.early_stop is not None:
+        early_stop.load_state_dict(state.early_stop)
     ema = None
     if cfg.train.ema.enabled:
         trained = [(n, p) for n, p in acc.unwrap_model(decoder).named_parameters() if p.requires_grad]
@@ -237,24 +342,56 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
                               sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped),
                               mode=cfg.mode.name, config=flat,
                               scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                              ema=ema.state_dict() if ema is not None else None),
+                              ema=ema.state_dict() if ema is not None else None,
+                              early_stop=early_stop.state_dict() if val_source is not None else None,
+                              data_fingerprint=data_digest),
                 unwrapped,
                 save_full=lambda d: save_full_model(model, d, dtype=torch.float32),
                 config_yaml=config_yaml,
                 keep_last=cfg.train.keep_last,
+                keep_step=early_stop.best_step,
             )
-            tqdm.write(f"checkpoint: {path}")
+            best = early_stop.best_step == step
+            if best:
+                mark_best(run_dir, step, early_stop.best)
+            tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if best else ""))
         acc.wait_for_everyone()
+
+    def evaluation_weights():
+        """The EMA weights swapped in for evaluation when train.ema.for_eval, else the current ones."""
+        return ema.applied() if ema is not None and cfg.train.ema.for_eval else nullcontext()
+
+    val_set = None if val_source is None else ValidationSet(
+        val_source, cfg.hardware.batch_size, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
+        acc.process_index, acc.num_processes)
+
+    def validate() -> float:
+        with evaluation_weights():
+            return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
+                                   cfg.model.timestep_sigma)
+
+    def generate(step: int) -> Dict[str, float]:
+        with evaluation_weights(), acc.autocast():
+            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc)
 
     sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
-                      cfg.model.timestep_mu, cfg.model.timestep_sigma, ema)
+                      cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch,
+                      validate if val_set is not None else None,
+                      early_stop, generate if cfg.train.samples.every_epochs else None)
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
     finally:
         prefetcher.close()
         sink.close()
+    if acc.is_main_process:
+        dtype = getattr(torch, str(cfg.train.export_dtype))
+        use_ema = ema is not None and cfg.train.ema.for_export
+        with ema.applied() if use_ema else nullcontext():
+            exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype)
+        print0(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''})")
+    acc.wait_for_everyone()
     if acc.is_main_process and cfg.train.plot:
         plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
     if losses:

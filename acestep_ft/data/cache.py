@@ -11,6 +11,7 @@ Cached samples are shared objects: consumers must not modify their tensors in pl
 from __future__ import annotations
 
 import operator
+import threading
 from collections import OrderedDict
 from typing import Optional
 
@@ -27,7 +28,10 @@ def sample_nbytes(sample: Sample) -> int:
 
 
 class LruSampleCache:
-    """Least-recently-used map index -> Sample whose total tensor bytes never exceed `max_bytes`."""
+    """Least-recently-used map index -> Sample whose total tensor bytes never exceed `max_bytes`.
+
+    Thread-safe: the device prefetch thread and a validation pass in the main thread may read at the same time.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
@@ -37,6 +41,7 @@ class LruSampleCache:
         self.hits = 0
         self.misses = 0
         self._items: OrderedDict[int, tuple[Sample, int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -46,27 +51,29 @@ class LruSampleCache:
 
     def get(self, index: int) -> Optional[Sample]:
         """The cached sample (now most recently used) or None; counts a hit or a miss."""
-        item = self._items.get(index)
-        if item is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(index)
-        return item[0]
+        with self._lock:
+            item = self._items.get(index)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(index)
+            return item[0]
 
     def put(self, index: int, sample: Sample) -> None:
         """Store `sample`, evicting least recently used entries until it fits; too-large samples are skipped."""
         size = sample_nbytes(sample)
         if size > self.max_bytes:
             return
-        old = self._items.pop(index, None)
-        if old is not None:
-            self.nbytes -= old[1]
-        while self.nbytes + size > self.max_bytes:
-            _, (_, evicted) = self._items.popitem(last=False)
-            self.nbytes -= evicted
-        self._items[index] = (sample, size)
-        self.nbytes += size
+        with self._lock:
+            old = self._items.pop(index, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            while self.nbytes + size > self.max_bytes:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self.nbytes -= evicted
+            self._items[index] = (sample, size)
+            self.nbytes += size
 
     def stats(self) -> dict[str, float]:
         """Counters for logging: hits, misses, entries, GiB held."""

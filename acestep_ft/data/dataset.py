@@ -8,6 +8,7 @@ the stored dtype (bf16 usually), which `collate` converts. Every sample's encode
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from pathlib import Path
 from typing import Protocol, Sequence, Tuple, runtime_checkable
@@ -68,6 +69,55 @@ class InMemorySource:
 
     def __repr__(self) -> str:
         return f"InMemorySource({len(self)} samples)"
+
+
+class SubsetSource:
+    """The samples `indices` of another source, renumbered 0..len-1 (a train or validation split)."""
+
+    def __init__(self, source: SampleSource, indices: Sequence[int]) -> None:
+        self.source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.source[self.indices[operator.index(i)]]
+
+    @property
+    def keys(self) -> list[str]:
+        keys = self.source.keys
+        return [keys[i] for i in self.indices]
+
+    @property
+    def lengths(self) -> list[int]:
+        lengths = self.source.lengths
+        return [lengths[i] for i in self.indices]
+
+    def location(self, i: int) -> str:
+        return self.source.location(self.indices[i])
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({len(self)} of {self.source!r})"
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Whether sample `key` belongs to the validation split: a hash of the key alone decides, so the split does not
+    depend on the seed or the order and stays put when samples are added or removed."""
+    digest = hashlib.blake2b(f"val-split:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def split_train_val(source: SampleSource, fraction: float) -> Tuple[SubsetSource, SubsetSource]:
+    """(train, validation) subsets of `source` for `dataset.val_fraction`; both must be non-empty."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"dataset.val_fraction={fraction} must be in (0, 1) (0 = no validation split)")
+    val = [i for i, key in enumerate(source.keys) if held_out(key, fraction)]
+    train = sorted(set(range(len(source))) - set(val))
+    if not val or not train:
+        raise ValueError(
+            f"dataset.val_fraction={fraction} puts {len(val)} of {len(source)} samples in the validation split and "
+            f"{len(train)} in training; both need at least one: change val_fraction or give dataset.val_path")
+    return SubsetSource(source, train), SubsetSource(source, val)
 
 
 def resolve_format(cfg: PreprocessedDataset) -> str:

@@ -6,6 +6,8 @@ Layout of `<run_dir>/checkpoints/step-00000050/`:
   training_state.pt     optimizer, scheduler, grad scaler, sampler position, RNG states of every process, step,
                         trained-tensor signature and the resolved config (for the strict resume check)
   config.yaml           the resolved run config, readable
+`<run_dir>/checkpoints/best.json` names the checkpoint with the best validation loss; it is kept beside the newest
+`train.keep_last`.
 
 A checkpoint is written into a hidden temp directory beside its final name and renamed into place when complete
 (`atomic_directory`), so a crash mid-write never leaves a half checkpoint that resume could pick up.
@@ -13,6 +15,7 @@ A checkpoint is written into a hidden temp directory beside its final name and r
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -25,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from acestep_ft.atomic import atomic_directory
+from acestep_ft.atomic import atomic_directory, atomic_write_bytes
 from acestep_ft.train.trainable import load_adapter_weights, save_adapter, trainable_state_dict
 
 log = logging.getLogger(__name__)
@@ -48,11 +51,17 @@ class TrainingState:
     config: Dict[str, Any]         # flattened resolved config ("optim.lr" -> 1e-4)
     scaler: Optional[Dict[str, Any]] = None  # fp16 GradScaler state
     ema: Optional[Dict[str, Any]] = None     # Ema.state_dict() when train.ema.enabled
+    early_stop: Optional[Dict[str, Any]] = None  # EarlyStopping.state_dict() when there is a validation split
+    data_fingerprint: Optional[str] = None   # digest of the dataset's fingerprint.json (None: data without one)
 
 
 # Settings that may change between a run and its resume without changing what is computed.
+# Validation settings only decide when the weights are evaluated and kept: the training trajectory stays the same.
 RESUMABLE_CHANGES = ("train.resume", "train.resume_strict", "train.stop_at_step", "train.log_every",
-                     "train.save_every", "train.keep_last", "train.plot", "logger.")
+                     "train.save_every", "train.keep_last", "train.plot", "logger.", "train.val_every",
+                     "train.early_stop.", "train.samples.", "train.export_dtype", "train.ema.for_eval",
+                     "train.ema.for_export")
+BEST_FILE = "best.json"
 
 
 def capture_rng(device: Optional[torch.device] = None) -> Dict[str, Any]:
@@ -86,8 +95,10 @@ def save_checkpoint(
     save_full: Callable[[Path], None],
     config_yaml: str,
     keep_last: int,
+    keep_step: Optional[int] = None,
 ) -> Path:
-    """Write a checkpoint atomically and delete all but the newest `keep_last`. Returns its directory."""
+    """Write a checkpoint atomically and delete all but the newest `keep_last` and the one of step `keep_step` (the
+    best so far). Returns its directory."""
     final = checkpoint_dir(run_dir, state.step)
     with atomic_directory(final) as tmp:  # re-saving a step (after a resume) replaces the old one whole
         if state.mode == "lora":
@@ -97,8 +108,20 @@ def save_checkpoint(
         torch.save(state.__dict__, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != checkpoint_dir(run_dir, keep_step if keep_step is not None else -1):
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
+    """Record checkpoint `step` as the best by validation loss in checkpoints/best.json (written atomically)."""
+    record = {"step": step, "val_loss": val_loss, "path": checkpoint_dir(run_dir, step).name}
+    atomic_write_bytes(Path(run_dir) / "checkpoints" / BEST_FILE, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def read_best(run_dir: Path) -> Optional[Dict[str, Any]]:
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -138,18 +161,26 @@ def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
 
 
 def load_checkpoint(
-    path: Path, decoder: nn.Module, mode: str, config: Dict[str, Any], strict: bool = True
+    path: Path, decoder: nn.Module, mode: str, config: Dict[str, Any], strict: bool = True,
+    data_fingerprint: Optional[str] = None,
 ) -> TrainingState:
     """Load the trained weights into `decoder` and return the rest.
 
     Always refused: another mode or another set/shape of trained tensors (the weights cannot go in). With `strict`,
-    also refused: any other config difference outside RESUMABLE_CHANGES (model, data, optimizer, objective, batch
-    setup, number of processes), since the resumed run would no longer continue the same trajectory.
+    also refused: another data fingerprint, and any other config difference outside RESUMABLE_CHANGES (model, data,
+    optimizer, objective, batch setup, number of processes), since the resumed run would no longer continue the same
+    trajectory.
     """
     state = TrainingState(**torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False))
     problems = []
     if state.mode != mode:
         problems.append(f"mode: checkpoint {state.mode!r}, config {mode!r}")
+    if state.data_fingerprint != data_fingerprint:
+        what = f"data fingerprint: checkpoint {state.data_fingerprint}, dataset now {data_fingerprint}"
+        if strict:
+            problems.append(what + " (the data was re-preprocessed or replaced; train.resume_strict=false continues)")
+        else:
+            log.warning("resuming %s on other data (train.resume_strict=false): %s", path, what)
     expected = signature(decoder)
     if state.signature != expected:
         names = sorted(set(state.signature) | set(expected))

@@ -10,8 +10,8 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -19,9 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.config import ObjectiveConfig, TrainConfig
+from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.metrics import MetricsSink
 from acestep_ft.train.step import flow_matching_loss
+from acestep_ft.train.trainable import drop_held_grads
 
 
 @dataclass
@@ -38,6 +40,11 @@ class LoopParts:
     timestep_mu: float
     timestep_sigma: float
     ema: Optional[Ema] = None          # averaged weights, updated after each optimizer step
+    held: List[Tuple[int, List[nn.Parameter]]] = field(default_factory=list)  # staged unfreezing: (start, params)
+    steps_per_epoch: int = 1           # optimizer steps per pass over the training data
+    validate: Optional[Callable[[], float]] = None  # validation loss of the current weights (None: no split)
+    early_stop: EarlyStopping = field(default_factory=EarlyStopping)
+    generate: Optional[Callable[[int], Dict[str, float]]] = None  # sample latents at a step; returns metrics
 
 
 def peak_memory_gb(device: torch.device) -> Dict[str, float]:
@@ -56,15 +63,28 @@ def train_loop(
     save: Callable[[int], None],
     grad_clip: float,
 ) -> List[float]:
-    """Run optimizer steps from `start_step` to `cfg.max_steps` (or `cfg.stop_at_step`); returns per-step losses."""
+    """Run optimizer steps from `start_step` to `cfg.max_steps` (or `cfg.stop_at_step`, or an early stop); returns
+    the per-step losses.
+
+    After a step: validate every `cfg.val_every` steps (0 = every epoch) and at the end, generate samples every
+    `cfg.samples.every_epochs` epochs and at the end (max_steps, not stop_at_step: a split run evaluates exactly
+    when the uninterrupted one does), then checkpoint every `cfg.save_every` steps, at the end, at
+    a new best validation loss and when stopping early.
+    """
     acc = parts.accelerator
     stop = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.max_steps
+    val_every = cfg.val_every or parts.steps_per_epoch
+    sample_every = cfg.samples.every_epochs * parts.steps_per_epoch
     params = [p for p in parts.decoder.parameters() if p.requires_grad]
     losses: List[float] = []
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train",
                unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     parts.decoder.train()
     step = start_step
+    if parts.early_stop.should_stop:
+        acc.print(f"early stop: the resumed run had already stopped at step {step} (train.early_stop.patience="
+                   f"{cfg.early_stop.patience}); raise the patience to continue")
+        stop = step
     while step < stop:
         started = time.perf_counter()
         step_loss, samples, frames, padded, waited, grad_norm = 0.0, 0, 0, 0, 0.0, float("nan")
@@ -76,6 +96,7 @@ def train_loop(
                                           parts.timestep_mu, parts.timestep_sigma)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    drop_held_grads(parts.held, step)  # weights whose unfreeze stage has not started yet
                     grad_norm = float(acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
@@ -99,8 +120,9 @@ def train_loop(
                 parts.ema.update(step)
         losses.append(step_loss)
         elapsed = time.perf_counter() - started
+        metrics: Dict[str, float] = {}
         if step % cfg.log_every == 0 or step == stop:
-            sink.log(step, {
+            metrics = {
                 "train/loss": step_loss,
                 "train/lr": lr,  # the first group's
                 **(lrs if len(lrs) > 1 else {}),
@@ -111,10 +133,25 @@ def train_loop(
                 "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
                 "data/stall_frac": waited / elapsed,  # share of the step spent waiting for input
                 **peak_memory_gb(acc.device),
-            })
+            }
+        improved = False
+        if parts.validate is not None and (step % val_every == 0 or step == cfg.max_steps):
+            val_loss = parts.validate()
+            improved = parts.early_stop.update(val_loss, step)
+            metrics.update({"val/loss": val_loss, "val/best": parts.early_stop.best})
+        if parts.generate is not None and sample_every and (step % sample_every == 0 or step == cfg.max_steps):
+            metrics.update(parts.generate(step))
+        if metrics:
+            sink.log(step, metrics)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
-        if step % cfg.save_every == 0 or step == stop:
+        stopping = parts.early_stop.should_stop
+        if step % cfg.save_every == 0 or step == stop or improved or stopping:
             save(step)
+        if stopping:
+            acc.print(f"early stop at step {step}: no validation improvement of more than "
+                       f"{cfg.early_stop.min_delta} in {cfg.early_stop.patience} evaluations; best "
+                       f"{parts.early_stop.best:.6f} at step {parts.early_stop.best_step}")
+            break
     bar.close()
     return losses

@@ -29,15 +29,16 @@ def flow_matching_loss(
     x0 = batch.target_latents  # [B, T, 64]
     d = draw(x0, cfg.cfg_ratio, cfg.timesteps, timestep_mu, timestep_sigma, generator)
     condition = apply_cfg_dropout(batch.encoder_hidden_states, null_embedding, d.cfg_keep)  # [B, L, H_enc]
-    masks = {}
-    if cfg.attention_mask:
-        masks = {"attention_mask": batch.attention_mask, "encoder_attention_mask": batch.encoder_attention_mask}
-    pred = decoder(
-        hidden_states=interpolate(x0, d.noise, d.t),
-        timestep=d.t,
-        timestep_r=d.t,
-        encoder_hidden_states=condition,
-        context_latents=batch.context_latents,
-        **masks,
-    )
+    pred = predict_velocity(decoder, batch, interpolate(x0, d.noise, d.t), d.t, condition, cfg.attention_mask)
     return flow_loss(pred, velocity_target(x0, d.noise), batch.attention_mask if cfg.loss_mask else None)
+
+
+def predict_velocity(decoder: Callable[..., Tensor], batch: Batch, x_t: Tensor, t: Tensor, condition: Tensor,
+                     use_masks: bool) -> Tensor:
+    """The decoder's velocity for x_t [B, T, 64] at t [B] (r = t), given the condition and the batch's context
+    latents; the batch masks reach the decoder only with `use_masks` (objective.attention_mask)."""
+    masks = {}
+    if use_masks:
+        masks = {"attention_mask": batch.attention_mask, "encoder_attention_mask": batch.encoder_attention_mask}
+    return decoder(hidden_states=x_t, timestep=t, timestep_r=t, encoder_hidden_states=condition,
+                   context_latents=batch.context_latents, **masks)

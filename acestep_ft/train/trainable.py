@@ -6,16 +6,19 @@ save writes (a PEFT adapter directory, or the full model in the official layout)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from acestep_ft.config import FullMode, LoraMode
+from acestep_ft.atomic import atomic_directory
+from acestep_ft.config import FullMode, LoraMode, TrainModule, UnfreezeStage
+from acestep_ft.model.checkpoint_io import save_full_model
 
 ModeConfig = Union[LoraMode, FullMode]
 
@@ -44,9 +47,61 @@ def make_trainable(model: nn.Module, mode: ModeConfig) -> nn.Module:
             peft_model.peft_config["default"].task_type = "FEATURE_EXTRACTION"
             return peft_model
         case FullMode():
-            model.decoder.requires_grad_(True)
+            if not mode.unfreeze:
+                model.decoder.requires_grad_(True)
+            for name in unfreeze_starts(model.decoder, mode.unfreeze, steps_per_epoch=1):
+                model.decoder.get_parameter(name).requires_grad_(True)
             return model.decoder
     raise TypeError(f"unknown mode config {type(mode).__name__}")
+
+
+def unfreeze_starts(decoder: nn.Module, stages: Sequence[UnfreezeStage], steps_per_epoch: int) -> Dict[str, int]:
+    """Staged unfreezing (mode.unfreeze): decoder parameter name -> first optimizer step at which it trains.
+
+    A parameter matched by several stages starts with the earliest. Stages for other modules than the decoder, bad
+    patterns and patterns matching nothing raise ValueError (the config check reports them before any work).
+    """
+    starts: Dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        if stage.module != TrainModule.decoder:
+            raise ValueError(
+                f"mode.unfreeze[{i}]: module={stage.module}: its outputs come from the dataset (encoder_hidden_states "
+                "are precomputed by the preprocessor), so its weights would never receive a gradient. Remove the "
+                "stage, or train on data that carries the condition encoder's inputs instead of its outputs.")
+        try:
+            rx = re.compile(stage.pattern)
+        except re.error as err:
+            raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} is not a valid regex: {err}") from None
+        start = stage.at_step if stage.at_epoch is None else stage.at_epoch * steps_per_epoch
+        matched = [n for n, _ in decoder.named_parameters() if rx.search(n)]
+        if not matched:
+            raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} matches no decoder parameter (names look "
+                             "like layers.0.self_attn.q_proj.weight, proj_in.1.weight, time_embed.linear_1.weight)")
+        for name in matched:
+            starts[name] = min(start, starts.get(name, start))
+    return starts
+
+
+def held_back(decoder: nn.Module, starts: Dict[str, int]) -> List[Tuple[int, List[nn.Parameter]]]:
+    """(start step, parameters) for the stages that do not train from step 0; see `drop_held_grads`."""
+    by_start: Dict[int, List[nn.Parameter]] = {}
+    for name, p in decoder.named_parameters():
+        if starts.get(name, 0) > 0 and p.requires_grad:
+            by_start.setdefault(starts[name], []).append(p)
+    return sorted(by_start.items(), key=lambda item: item[0])
+
+
+def drop_held_grads(held: List[Tuple[int, List[nn.Parameter]]], steps_done: int) -> None:
+    """Before an optimizer step: forget the gradients of weights whose stage has not started.
+
+    Held-back weights stay in the optimizer and in the backward pass (so multi-process gradient reduction sees the
+    same parameters every step), but optimizers skip a parameter without a gradient: no update, no weight decay, no
+    moment accumulated until its stage starts.
+    """
+    for start, params in held:
+        if steps_done < start:
+            for p in params:
+                p.grad = None
 
 
 def trainable_state_dict(decoder: nn.Module) -> Dict[str, torch.Tensor]:
@@ -56,9 +111,22 @@ def trainable_state_dict(decoder: nn.Module) -> Dict[str, torch.Tensor]:
     return decoder.state_dict()
 
 
-def save_adapter(decoder: PeftModel, directory: Path) -> None:
-    """PEFT adapter directory: adapter_config.json + adapter_model.safetensors (fp32, decoder-relative keys)."""
+def save_adapter(decoder: PeftModel, directory: Path, dtype: torch.dtype = torch.float32) -> None:
+    """PEFT adapter directory: adapter_config.json + adapter_model.safetensors (decoder-relative keys, `dtype`)."""
     decoder.save_pretrained(str(directory), safe_serialization=True)
+    if dtype != torch.float32:
+        path = str(Path(directory) / ADAPTER_WEIGHTS)
+        save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
+def export_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype) -> Path:
+    """The portable result of a run, written atomically: the PEFT adapter (mode=lora) or the whole model in the
+    official layout (mode=full: config.json + model.safetensors, loads in official ACE-Step inference)."""
+    if isinstance(decoder, PeftModel):
+        with atomic_directory(directory) as tmp:
+            save_adapter(decoder, tmp, dtype)
+        return Path(directory)
+    return save_full_model(model, directory, dtype=dtype)
 
 
 def load_adapter_weights(decoder: PeftModel, directory: Path) -> None:
