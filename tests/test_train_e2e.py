@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from acestep_ft.train.metrics import read_metrics
 
@@ -68,6 +69,65 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
         assert torch.equal(value, final[1]["shadow"][name]), name
 
 
+def test_validation_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    # lr 0: the weights never change, so the validation loss is flat and early stopping must trigger
+    proc = run_train(tmp_path, "optim.lr=0", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
+                     "dataset.val_fraction=0.25", "train.val_every=2", "train.early_stop.patience=2",
+                     "train.plot=false")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    val = [r["val/loss"] for r in records if "val/loss" in r]
+    assert len(val) == 3 and val[0] == val[1] == val[2]  # same weights: exactly the same validation loss
+    assert len(losses(tmp_path)) == 6 and "early stop at step 6" in proc.stdout
+    best = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
+    assert best["step"] == 2
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-00000002", "step-00000006"]  # the best survives keep_last=1
+    proc = run_train(tmp_path, "optim.lr=0", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
+                     "dataset.val_fraction=0.25", "train.val_every=2", "train.early_stop.patience=2",
+                     "train.plot=false", "train.resume=auto")
+    assert "had already stopped at step 6" in proc.stdout and len(losses(tmp_path)) == 6
+
+
+def test_full_finetune_with_validation_unfreezing_and_samples_resumes_exactly(tmp_path):
+    common = ["mode=full", "optim.lr=1e-3", "train.max_steps=12", "train.save_every=6", "dataset.num_samples=14",
+              "hardware.batch_size=2", "dataset.val_fraction=0.3", "train.val_every=3", "train.ema.enabled=true",
+              "train.samples.every_epochs=1", "train.samples.steps=2", "train.plot=false",
+              "mode.unfreeze=[{pattern: 'layers\\.1\\.'},{pattern: '', at_epoch: 1}]"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    proc = run_train(whole, *common)
+    assert "from step 0" in proc.stdout and "validation:" in proc.stdout
+    run_train(parts, *common, "train.stop_at_step=5")
+    run_train(parts, *common, "train.resume=auto")
+    assert losses(parts) == losses(whole) and len(losses(whole)) == 12
+
+    def val(d):
+        return [(r["step"], r["val/loss"]) for r in read_metrics(d / "metrics.jsonl") if "val/loss" in r]
+
+    assert val(parts) == val(whole) and len(val(whole)) == 4
+    for name in sorted(p.name for p in (whole / "samples").iterdir()):
+        a, b = (load_file(str(d / "samples" / name)) for d in (whole, parts))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the full export loads strictly as the official layout, in the chosen dtype, holding the EMA weights
+    shadow = torch.load(whole / "checkpoints" / "step-00000012" / "training_state.pt", weights_only=False)["ema"]
+    exported = load_file(str(whole / "export" / "model.safetensors"))
+    for name, value in shadow["shadow"].items():
+        torch.testing.assert_close(exported[f"decoder.{name}"], value)
+    assert json.loads((whole / "export" / "config.json").read_text())["model_type"]
+
+
+def test_lora_export_in_bf16_loads_through_peft(tmp_path):
+    from peft import PeftModel
+
+    from acestep_ft.model import load_model
+    from conftest import model_config
+
+    run_train(tmp_path, "train.max_steps=3", "train.export_dtype=bfloat16", "train.plot=false")
+    weights = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
+    assert weights and all(v.dtype == torch.bfloat16 for v in weights.values())
+    wrapped = PeftModel.from_pretrained(load_model(model_config()).decoder, str(tmp_path / "export"))
+    assert any("lora_A" in n for n, _ in wrapped.named_parameters())
+
+
 def run_quick(tmp: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
     where = f"hydra.sweep.dir={tmp}" if multirun else f"hydra.run.dir={tmp}"
@@ -104,6 +164,9 @@ def test_experiment_grid_runs(tmp_path):
     (["mode=full", "mode.rank=4"], "Key 'rank' not in 'FullMode'"),
     (["dataset=preprocessed"], "dataset.path is required"),
     (["train.save_every=0", "hardware.mixed_precision=fp16"], "train.save_every=0 must be >= 1"),
+    (["mode=full", "mode.unfreeze=[{module: condition_encoder, at_step: 5}]"], "encoder_hidden_states are precomputed"),
+    (["train.early_stop.patience=3"], "train.early_stop.patience needs a validation split"),
+    (["hardware.gradient_checkpointing=2.5"], "hardware.gradient_checkpointing=2.5"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, overrides, message):
     proc = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}"],

@@ -9,8 +9,8 @@ from acestep_ft.config import FullMode, LoraMode, OptimConfig
 from conftest import model_config
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.train.checkpoint import (
-    TrainingState, capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng, save_checkpoint,
-    signature,
+    TrainingState, capture_rng, list_checkpoints, load_checkpoint, mark_best, read_best, resolve_resume, restore_rng,
+    save_checkpoint, signature,
 )
 from acestep_ft.train.optim import build_optimizer, build_scheduler
 from acestep_ft.train.trainable import make_trainable, trainable_state_dict
@@ -39,12 +39,13 @@ def take_steps(decoder, opt, sched, n=3):
 CONFIG = {"optim.lr": 1e-3, "model.variant": "tiny", "train.save_every": 5}
 
 
-def write(run_dir, step, model, decoder, opt, sched, mode_name, keep_last=3, save_full=None):
+def write(run_dir, step, model, decoder, opt, sched, mode_name, keep_last=3, save_full=None, keep_step=None,
+          data_fingerprint=None):
     state = TrainingState(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                           sampler={"epoch": 0, "position": step}, rng=[capture_rng()], signature=signature(decoder),
-                          mode=mode_name, config=CONFIG)
+                          mode=mode_name, config=CONFIG, data_fingerprint=data_fingerprint)
     save_full = save_full or (lambda d: save_full_model(model, d, dtype=torch.float32))
-    return save_checkpoint(run_dir, state, decoder, save_full, "config: here\n", keep_last)
+    return save_checkpoint(run_dir, state, decoder, save_full, "config: here\n", keep_last, keep_step)
 
 
 @pytest.mark.parametrize("mode", [LoraMode(rank=4, alpha=4), FullMode()], ids=["lora", "full"])
@@ -113,6 +114,24 @@ def test_keep_last(tmp_path):
     for step in (1, 2, 3, 4):
         write(tmp_path, step, model, decoder, opt, sched, "lora", keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+def test_keep_last_plus_the_best(tmp_path):
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=2, alpha=2))
+    for step in (1, 2, 3, 4, 5):
+        write(tmp_path, step, model, decoder, opt, sched, "lora", keep_last=2, keep_step=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004", "step-00000005"]
+    mark_best(tmp_path, 2, 0.5)
+    assert read_best(tmp_path) == {"step": 2, "val_loss": 0.5, "path": "step-00000002"}
+
+
+def test_changed_data_fingerprint_is_refused_unless_not_strict(tmp_path):
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=4, alpha=4))
+    path = write(tmp_path, 1, model, decoder, opt, sched, "lora", data_fingerprint="aaaa")
+    with pytest.raises(ValueError, match="data fingerprint: checkpoint aaaa, dataset now bbbb"):
+        load_checkpoint(path, decoder, "lora", CONFIG, data_fingerprint="bbbb")
+    assert load_checkpoint(path, decoder, "lora", CONFIG, strict=False, data_fingerprint="bbbb").step == 1
+    assert load_checkpoint(path, decoder, "lora", CONFIG, data_fingerprint="aaaa").step == 1
 
 
 def test_resume_paths(tmp_path):
