@@ -24,7 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.atomic import atomic_write_bytes
-from acestep_ft.config import Config, Device, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset
+from acestep_ft.config import (
+    Config, Device, Distributed, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset,
+)
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import LengthBucketSampler
@@ -218,6 +220,13 @@ def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     return flat
 
 
+@torch.no_grad()
+def replica_digest(module: nn.Module) -> Tuple[float, float]:
+    """(sum, sum of squares) of the trained weights in float64: equal on every process while DDP replicas agree."""
+    trained = [p.detach().double() for p in module.parameters() if p.requires_grad]
+    return (float(sum(p.sum() for p in trained)), float(sum((p * p).sum() for p in trained)))
+
+
 def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_dir: Path, step: int,
                      acc: Accelerator) -> Dict[str, float]:
     """Latents sampled from fixed noise for the first train.samples.num conditions of `source`, written to
@@ -385,6 +394,10 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     finally:
         prefetcher.close()
         sink.close()
+    if acc.num_processes > 1 and cfg.hardware.distributed == Distributed.ddp:
+        digests = gather_object([replica_digest(acc.unwrap_model(decoder))])
+        print0(f"replicas: the trained weights {'agree' if len(set(digests)) == 1 else 'DIFFER'} on all "
+               f"{acc.num_processes} processes" + ("" if len(set(digests)) == 1 else f" {digests}"))
     if acc.is_main_process:
         dtype = getattr(torch, str(cfg.train.export_dtype))
         use_ema = ema is not None and cfg.train.ema.for_export

@@ -189,7 +189,8 @@ def test_two_process_cpu_run_resumes_exactly(tmp_path):
         assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return proc
 
-    assert "x 2 process(es)" in torchrun(tmp_path / "whole").stdout
+    whole = torchrun(tmp_path / "whole").stdout
+    assert "x 2 process(es)" in whole and "replicas: the trained weights agree on all 2 processes" in whole
     torchrun(tmp_path / "parts", "train.stop_at_step=2")
     torchrun(tmp_path / "parts", "train.resume=auto")
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
