@@ -109,3 +109,18 @@ def test_resume_on_v3_with_buckets_crops_and_cache_is_exact(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda d: [json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").open()]  # noqa: E731
     assert read(parts) == read(whole) and len(read(whole)) == 9
+
+
+def test_separate_validation_directory(tmp_path):
+    """dataset.val_path: v3 training data validated on a .pt directory of other clips, every 2 steps."""
+    _, train_v3 = make_datasets(tmp_path / "train", n=6)
+    val_pt, _ = make_datasets(tmp_path / "val", n=3)
+    proc = run_train(tmp_path / "run", "dataset=preprocessed", f"dataset.path={train_v3}", f"dataset.val_path={val_pt}",
+                     "dataset.max_seconds=4", "train.max_steps=4", "train.val_every=2", "hardware.batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation: 3 samples from dataset.val_path" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/loss" in r] == [2, 4]
+    bad = run_train(tmp_path / "bad", "dataset=preprocessed", f"dataset.path={train_v3}",
+                    f"dataset.val_path={tmp_path / 'nope'}", "dataset.val_fraction=0.2")
+    assert bad.returncode != 0 and "both set" in bad.stderr + bad.stdout and "does not exist" in bad.stderr + bad.stdout

@@ -115,6 +115,13 @@ def test_full_finetune_with_validation_unfreezing_and_samples_resumes_exactly(tm
     assert json.loads((whole / "export" / "config.json").read_text())["model_type"]
 
 
+def test_full_finetune_over_several_epochs_lowers_the_loss(tmp_path):
+    run_train(tmp_path, "mode=full", "optim.lr=1e-3", "dataset.num_samples=16", "train.max_steps=40",
+              "train.save_every=40", "train.plot=false")  # 4 steps per epoch: 10 epochs
+    got = losses(tmp_path)
+    assert len(got) == 40 and sum(got[-8:]) / 8 < 0.8 * sum(got[:8]) / 8
+
+
 def test_lora_export_in_bf16_loads_through_peft(tmp_path):
     from peft import PeftModel
 
