@@ -69,6 +69,13 @@ class ExportDtype(StrEnum):
     float16 = "float16"
 
 
+class PreflightPolicy(StrEnum):
+    auto = "auto"
+    refuse = "refuse"
+    rewrite = "rewrite"
+    warn = "warn"
+
+
 class LoggerBackend(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -327,6 +334,9 @@ class HardwareConfig:
     """DeepSpeed ZeRO stage: 1 = optimizer state, 2 = + gradients, 3 = + weights sharded."""
     offload: bool = False
     """fsdp/deepspeed: keep the optimizer state (fsdp: also weights) in host RAM."""
+    memory_gb: Optional[float] = None
+    """Device memory budget per process in GiB for the memory preflight; None = the visible GPU's total memory
+    (no budget on the CPU)."""
 
 
 @dataclass
@@ -436,6 +446,18 @@ class TrainConfig:
 
 
 @dataclass
+class PreflightConfig:
+    """Memory preflight: estimate peak device memory before loading weights and act on the verdict."""
+
+    policy: PreflightPolicy = PreflightPolicy.auto
+    """Over budget: refuse (exit with the top terms and suggestions), rewrite (apply the cheapest changes that fit,
+    print them, save the rewritten config and a diff), warn (train anyway); auto = rewrite for LoRA, refuse for full."""
+    overhead_gb: float = 0.75
+    """Memory the estimate does not see, reserved from the budget: CUDA context, kernels' workspaces, allocator
+    fragmentation."""
+
+
+@dataclass
 class Config:
     """The root: one run = one of each group plus the objective and loop settings."""
 
@@ -448,6 +470,7 @@ class Config:
     logger: LoggerConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 def register_configs() -> None:
