@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from acestep_ft.config import Distributed, HardwareConfig
 
 WRAP_CLASSES = ["DiTLayer"]  # FSDP shard groups: one per DiT layer (acestep_ft/model/decoder.py), the root the rest
-DEEPSPEED_PIP = 'pip install "deepspeed>=0.16"'  # or the project extra: pip install -e ".[deepspeed]"
+DEEPSPEED_PIP = 'pip install "deepspeed>=0.19"'  # or the project extra: pip install -e ".[deepspeed]"
 
 
 def accelerator_kwargs(hw: HardwareConfig, on_cpu: bool, grad_clip: float, grad_accum: int) -> Dict[str, Any]:
@@ -81,25 +81,31 @@ def accelerator_kwargs(hw: HardwareConfig, on_cpu: bool, grad_clip: float, grad_
     if not 1 <= hw.zero_stage <= 3:
         raise ValueError(f"hardware.zero_stage={hw.zero_stage} must be 1 (optimizer state sharded), 2 (+ gradients) "
                          "or 3 (+ weights).")
-    if importlib.util.find_spec("deepspeed") is None:
+    if not deepspeed_installed():
         raise ImportError(f"hardware.distributed=deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_PIP}")
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(
         zero_stage=hw.zero_stage,
-        gradient_clipping=grad_clip if grad_clip > 0 else 0.0,  # 0 = DeepSpeed does not clip
+        gradient_clipping=grad_clip,
         gradient_accumulation_steps=grad_accum,
         offload_optimizer_device="cpu" if hw.offload else "none",
         offload_param_device="none",
         zero3_init_flag=False,  # our model is built before Accelerate sees it; ZeRO-3 partitions it in prepare
         zero3_save_16bit_model=False,  # full_state_dict gathers fp32 weights itself
     )
+    # explicit even when off: the plugin drops a 0 and Accelerate fills a missing value with 1.0 where it is "auto"
+    plugin.deepspeed_config["gradient_clipping"] = max(grad_clip, 0.0)  # 0 = DeepSpeed does not clip
     # prepare() gets no DataLoader to read the batch size from; only the throughput report uses it
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = hw.batch_size
     if hw.offload:
         # our optimizer (AdamW, 8-bit AdamW...) runs on the offloaded partition instead of DeepSpeedCPUAdam
         plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
     return {"deepspeed_plugin": plugin}
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def _is_fsdp2(module: nn.Module) -> bool:
