@@ -108,6 +108,10 @@ class CachedSource:
     def lengths(self) -> list[int]:
         return self.source.lengths
 
+    @property
+    def cond_lengths(self) -> list[int]:
+        return self.source.cond_lengths
+
     def location(self, i: int) -> str:
         return self.source.location(i)
 

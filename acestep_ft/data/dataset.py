@@ -29,7 +29,8 @@ from acestep_ft.data.v3_reader import V3Directory, detect_format
 @runtime_checkable
 class SampleSource(Protocol):
     """Map-style collection of samples: `len(source)`, `source[i]`, `source.keys` (one name per index),
-    `source.lengths` (latent frames T per index, known without decoding), `source.location(i)` (file or shard)."""
+    `source.lengths` / `source.cond_lengths` (latent frames T / condition tokens L per index, known without
+    decoding), `source.location(i)` (file or shard)."""
 
     def __len__(self) -> int: ...
 
@@ -40,6 +41,9 @@ class SampleSource(Protocol):
 
     @property
     def lengths(self) -> list[int]: ...
+
+    @property
+    def cond_lengths(self) -> list[int]: ...
 
     def location(self, i: int) -> str: ...
 
@@ -63,6 +67,10 @@ class InMemorySource:
     @property
     def lengths(self) -> list[int]:
         return [s.target_latents.shape[0] for s in self.samples]
+
+    @property
+    def cond_lengths(self) -> list[int]:
+        return [s.encoder_hidden_states.shape[0] for s in self.samples]
 
     def location(self, i: int) -> str:
         return f"generated sample {i}"
@@ -91,6 +99,11 @@ class SubsetSource:
     @property
     def lengths(self) -> list[int]:
         lengths = self.source.lengths
+        return [lengths[i] for i in self.indices]
+
+    @property
+    def cond_lengths(self) -> list[int]:
+        lengths = self.source.cond_lengths
         return [lengths[i] for i in self.indices]
 
     def location(self, i: int) -> str:

@@ -134,14 +134,16 @@ def read_sample(path: str | Path, encoder_width: int, key: Optional[str] = None,
     return validate_sample(load_pt(path, use_mmap), path, encoder_width, key=key)
 
 
-def latent_length(path: Path) -> int:
-    """T of a .pt sample from its header and tensor metadata (memory-mapped: the tensor bytes are not read)."""
+def sample_lengths(path: Path) -> tuple[int, int]:
+    """(T, L) of a .pt sample from its header and tensor metadata (memory-mapped: the tensor bytes are not read)."""
     obj = load_pt(path, use_mmap=True)
-    target = obj.get("target_latents") if isinstance(obj, dict) else None
-    if not isinstance(target, torch.Tensor) or target.ndim != 2:
-        raise data_error(path, "missing or malformed", key="target_latents",
-                         expected="a [T, 64] tensor", fix=_REPROCESS)
-    return int(target.shape[0])
+    shapes = []
+    for key, expected in (("target_latents", "a [T, 64] tensor"), ("encoder_hidden_states", "an [L, H] tensor")):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, torch.Tensor) or value.ndim != 2:
+            raise data_error(path, "missing or malformed", key=key, expected=expected, fix=_REPROCESS)
+        shapes.append(int(value.shape[0]))
+    return shapes[0], shapes[1]
 
 
 class PtDirectory:
@@ -151,7 +153,7 @@ class PtDirectory:
         self.index: SampleIndex = index_directory(path)
         self.encoder_width = encoder_width
         self.use_mmap = use_mmap
-        self._lengths: Optional[list[int]] = None
+        self._lengths: Optional[list[tuple[int, int]]] = None
 
     def __len__(self) -> int:
         return len(self.index.paths)
@@ -166,8 +168,16 @@ class PtDirectory:
     @property
     def lengths(self) -> list[int]:
         """Latent frames T per sample (read once from the files' headers, for length bucketing)."""
+        return [t for t, _ in self._shapes()]
+
+    @property
+    def cond_lengths(self) -> list[int]:
+        """Condition tokens L per sample (from the same header pass)."""
+        return [c for _, c in self._shapes()]
+
+    def _shapes(self) -> list[tuple[int, int]]:
         if self._lengths is None:
-            self._lengths = [latent_length(p) for p in self.index.paths]
+            self._lengths = [sample_lengths(p) for p in self.index.paths]
         return self._lengths
 
     def location(self, i: int) -> str:

@@ -74,10 +74,20 @@ class _FixedParts:
         self.silence = offset + 0.05 * torch.randn(max_frames, c, generator=g)      # [max_frames, 64]
 
 
-def _make_one(i: int, cfg: SyntheticDataset, fixed: _FixedParts, encoder_width: int) -> Sample:
+def _length_and_generator(i: int, cfg: SyntheticDataset) -> tuple[int, torch.Generator]:
+    """Sample i's T (the first draw of its generator) and the generator, ready for the rest of the sample."""
     g = _generator(cfg.seed * 1_000_003 + 7919 * (i + 1))
+    return int(torch.randint(cfg.min_frames, cfg.max_frames + 1, (1,), generator=g)), g
+
+
+def synthetic_lengths(cfg: SyntheticDataset) -> list[int]:
+    """T of every sample `make_synthetic_samples` makes, without making them."""
+    return [_length_and_generator(i, cfg)[0] for i in range(cfg.num_samples)]
+
+
+def _make_one(i: int, cfg: SyntheticDataset, fixed: _FixedParts, encoder_width: int) -> Sample:
+    t_len, g = _length_and_generator(i, cfg)
     k = NUM_COMPONENTS
-    t_len = int(torch.randint(cfg.min_frames, cfg.max_frames + 1, (1,), generator=g))
     freq = _uniform(g, k, *FREQ_RANGE)                                              # [K]
     phase = _uniform(g, k, 0.0, 2 * math.pi)                                        # [K]
     amp = _uniform(g, k, *AMP_RANGE)                                                # [K]

@@ -162,3 +162,10 @@ def test_bool_masks_and_views_become_compact_float32(tmp_path):
     assert s.attention_mask.dtype == torch.float32 and torch.all(s.attention_mask == 1)
     assert s.context_latents.untyped_storage().nbytes() == 6 * 128 * 4
     assert torch.equal(s.context_latents, big[:, :128])
+
+
+def test_lengths_and_condition_lengths_come_from_the_headers(tmp_path):
+    root, written = official_dir(tmp_path)
+    src = PtDirectory(root, encoder_width=16)
+    assert src.lengths == [d["target_latents"].shape[0] for d in written]
+    assert src.cond_lengths == [d["encoder_hidden_states"].shape[0] for d in written]

@@ -83,3 +83,12 @@ def test_bad_config_is_a_clear_error():
 
     with pytest.raises(ValueError, match="max_frames"):
         make_synthetic_samples(SyntheticDataset(min_frames=10, max_frames=5), H)
+
+
+def test_lengths_without_making_the_samples():
+    from acestep_ft.data.dataset import InMemorySource
+    from acestep_ft.data.synthetic import synthetic_lengths
+
+    cfg = SyntheticDataset(num_samples=9, min_frames=5, max_frames=50, condition_length=7)
+    source = InMemorySource(make_synthetic_samples(cfg, 16))
+    assert synthetic_lengths(cfg) == source.lengths and source.cond_lengths == [7] * 9
