@@ -28,12 +28,15 @@ from acestep_ft.config import (
     Config, Device, Distributed, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset,
 )
 from acestep_ft.data import BatchStream, build_dataset
+from acestep_ft.distributed import (
+    accelerator_kwargs, broadcast_module_, full_state_dict, load_optimizer_state_dict, optimizer_state_dict,
+)
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import LengthBucketSampler
 from acestep_ft.data.prefetch import Prefetcher
 from acestep_ft.data.dataset import SampleSource, resolve_cache_policy, split_train_val
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
-from acestep_ft.model import load_model, save_full_model
+from acestep_ft.model import load_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
@@ -46,7 +49,9 @@ from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
-from acestep_ft.train.trainable import count_parameters, export_trained, held_back, make_trainable, unfreeze_starts
+from acestep_ft.train.trainable import (
+    count_parameters, export_trained, held_back, make_trainable, unfreeze_starts, write_trained,
+)
 
 
 def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
@@ -102,6 +107,7 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     except ValueError as err:
         problems.append(f"hardware.{err}")
     problems += validation_problems(cfg)
+    problems += strategy_problems(cfg, on_cpu)
     if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
         try:
             unfreeze_starts(build_meta_model(cfg.model).decoder, cfg.mode.unfreeze, steps_per_epoch=1)
@@ -121,6 +127,24 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     if problems:
         raise SystemExit("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
     return resume_from
+
+
+def strategy_problems(cfg: Config, on_cpu: bool) -> List[str]:
+    """hardware.distributed settings that cannot work, or features not available under a sharded strategy."""
+    problems = []
+    try:
+        accelerator_kwargs(cfg.hardware, on_cpu, cfg.optim.grad_clip, cfg.train.grad_accum)
+    except (ValueError, ImportError) as err:
+        problems.append(str(err))
+    sharded_weights = cfg.hardware.distributed == Distributed.fsdp or (
+        cfg.hardware.distributed == Distributed.deepspeed and cfg.hardware.zero_stage == 3)
+    if cfg.train.ema.enabled and sharded_weights:
+        problems.append("train.ema.enabled with sharded weights (hardware.distributed=fsdp, or deepspeed with "
+                        "zero_stage=3) is not supported yet: use zero_stage 1/2, ddp, or train.ema.enabled=false.")
+    if cfg.hardware.distributed == Distributed.deepspeed and isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
+        problems.append("mode.unfreeze with hardware.distributed=deepspeed is not supported (DeepSpeed steps inside "
+                        "backward, before held-back gradients can be dropped): use ddp or fsdp.")
+    return problems
 
 
 def validation_problems(cfg: Config) -> List[str]:
@@ -275,7 +299,8 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
 def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: Optional[Path]) -> List[float]:
     cuda = torch.cuda.is_available()
     on_cpu, precision = resolve_hardware(cfg.hardware, cuda, cuda and torch.cuda.is_bf16_supported())
-    acc = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    acc = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                      **accelerator_kwargs(cfg.hardware, on_cpu, cfg.optim.grad_clip, cfg.train.grad_accum))
     print0 = acc.print
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     flat = flat_config(cfg, acc.num_processes)
@@ -284,6 +309,10 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     model = load_model(cfg.model)
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
+    if acc.num_processes > 1 and (cfg.model.path is None or cfg.hardware.distributed == Distributed.fsdp):
+        # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
+        # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
+        broadcast_module_(model if cfg.model.path is None else decoder)
     trainable, total = count_parameters(model)
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
@@ -305,13 +334,14 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     start_step, state = 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, decoder, cfg.mode.name, flat, cfg.train.resume_strict, data_digest)
-        optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         batches.load_state_dict(state.sampler)
         start_step = state.step
         print0(f"resumed from {resume_from} at step {start_step}")
 
     decoder, optimizer = acc.prepare(decoder, optimizer)
+    if state is not None:
+        load_optimizer_state_dict(acc, decoder, optimizer, state.optimizer)  # after prepare: may be sharded
     null_embedding = model.null_condition_emb.detach().to(acc.device)
     held = []
     if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
@@ -342,20 +372,22 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     prefetcher = Prefetcher(batches, acc.device, device_prefetch=cfg.hardware.device_prefetch)
 
     def save(step: int) -> None:
-        rngs = gather_object([capture_rng(acc.device)])  # collective: every process contributes its RNG
+        # collectives first: every process contributes its RNG, its shard of the weights and optimizer state
+        rngs = gather_object([capture_rng(acc.device)])
+        weights = full_state_dict(acc, decoder)
+        optimizer_state = optimizer_state_dict(acc, decoder, optimizer)
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(decoder)
             path = save_checkpoint(
                 run_dir,
-                TrainingState(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped),
+                TrainingState(step=step, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+                              sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped, weights),
                               mode=cfg.mode.name, config=flat,
                               scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                               ema=ema.state_dict() if ema is not None else None,
                               early_stop=early_stop.state_dict() if val_source is not None else None,
                               data_fingerprint=data_digest),
-                unwrapped,
-                save_full=lambda d: save_full_model(model, d, dtype=torch.float32),
+                lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights),
                 config_yaml=config_yaml,
                 keep_last=cfg.train.keep_last,
                 keep_step=early_stop.best_step,
@@ -398,11 +430,13 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
         digests = gather_object([replica_digest(acc.unwrap_model(decoder))])
         print0(f"replicas: the trained weights {'agree' if len(set(digests)) == 1 else 'DIFFER'} on all "
                f"{acc.num_processes} processes" + ("" if len(set(digests)) == 1 else f" {digests}"))
+    weights = full_state_dict(acc, decoder)  # collective
     if acc.is_main_process:
         dtype = getattr(torch, str(cfg.train.export_dtype))
         use_ema = ema is not None and cfg.train.ema.for_export
-        with ema.applied() if use_ema else nullcontext():
-            exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype)
+        if use_ema:
+            weights.update({n: t.cpu() for n, t in ema.shadow.items()})  # same names: both from the unwrapped decoder
+        exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype, weights)
         print0(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''})")
     acc.wait_for_everyone()
     if acc.is_main_process and cfg.train.plot:

@@ -215,8 +215,11 @@ def official_config(model: AceStepModel, dtype: torch.dtype = torch.bfloat16) ->
     return out
 
 
-def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = torch.bfloat16,
+                    state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write `directory/config.json` + `directory/model.safetensors` (full state dict in `dtype`), atomically.
+
+    `state` replaces `model.state_dict()` (weights gathered from a sharded run, or averaged ones).
 
     Everything is written into a temporary sibling directory that then replaces `directory` (an existing one is
     moved aside first and deleted after the swap), so readers never see a half-written checkpoint. Support files of
@@ -225,7 +228,7 @@ def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = to
     """
     target = Path(directory)
     expected = {k for k, _ in build_meta_model(model.cfg).state_dict().items()}
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if set(state) != expected:
         extra = sorted(set(state) - expected)[:5]
         raise ValueError(f"model state dict has keys outside the official layout (merge adapters first?): {extra}")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from acestep_ft.atomic import atomic_directory, atomic_write_bytes
-from acestep_ft.train.trainable import load_adapter_weights, save_adapter, trainable_state_dict
+from acestep_ft.train.trainable import load_adapter_weights, trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TrainingState:
 RESUMABLE_CHANGES = ("train.resume", "train.resume_strict", "train.stop_at_step", "train.log_every",
                      "train.save_every", "train.keep_last", "train.plot", "logger.", "train.val_every",
                      "train.early_stop.", "train.samples.", "train.export_dtype", "train.ema.for_eval",
-                     "train.ema.for_export")
+                     "train.ema.for_export", "preflight.", "hardware.memory_gb")
 BEST_FILE = "best.json"
 
 
@@ -80,8 +80,9 @@ def restore_rng(state: Dict[str, Any], device: Optional[torch.device] = None) ->
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def signature(decoder: nn.Module) -> Dict[str, list]:
-    return {k: list(v.shape) for k, v in trainable_state_dict(decoder).items()}
+def signature(decoder: nn.Module, weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, list]:
+    """Trained tensor name -> shape (from `weights`, the gathered decoder state, when the live one is sharded)."""
+    return {k: list(v.shape) for k, v in trainable_state_dict(decoder, weights).items()}
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -91,26 +92,27 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def save_checkpoint(
     run_dir: Path,
     state: TrainingState,
-    decoder: nn.Module,
-    save_full: Callable[[Path], None],
+    write_weights: Callable[[Path], None],
     config_yaml: str,
     keep_last: int,
     keep_step: Optional[int] = None,
 ) -> Path:
     """Write a checkpoint atomically and delete all but the newest `keep_last` and the one of step `keep_step` (the
-    best so far). Returns its directory."""
+    best so far). `write_weights(dir)` writes the trained weights (`adapter/` for LoRA, `model/` for full) into the
+    checkpoint directory. Returns its directory."""
     final = checkpoint_dir(run_dir, state.step)
     with atomic_directory(final) as tmp:  # re-saving a step (after a resume) replaces the old one whole
-        if state.mode == "lora":
-            save_adapter(decoder, tmp / "adapter")
-        else:
-            save_full(tmp / "model")
+        write_weights(tmp / weights_dir(state.mode))
         torch.save(state.__dict__, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         if old != checkpoint_dir(run_dir, keep_step if keep_step is not None else -1):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def weights_dir(mode: str) -> str:
+    return "adapter" if mode == "lora" else "model"
 
 
 def mark_best(run_dir: Path, step: int, val_loss: float) -> None:

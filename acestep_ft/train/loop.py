@@ -97,7 +97,8 @@ def train_loop(
                 acc.backward(loss)
                 if acc.sync_gradients:
                     drop_held_grads(parts.held, step)  # weights whose unfreeze stage has not started yet
-                    grad_norm = float(acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+                    norm = acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+                    grad_norm = float("nan") if norm is None else float(norm)  # DeepSpeed may not report one
                 parts.optimizer.step()
                 parts.optimizer.zero_grad(set_to_none=True)
             step_loss += float(acc.reduce(loss.detach(), "mean")) / cfg.grad_accum

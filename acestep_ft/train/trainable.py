@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -104,29 +104,48 @@ def drop_held_grads(held: List[Tuple[int, List[nn.Parameter]]], steps_done: int)
                 p.grad = None
 
 
-def trainable_state_dict(decoder: nn.Module) -> Dict[str, torch.Tensor]:
-    """The trained weights only: adapter tensors (PEFT key names) or the full decoder state."""
+def trainable_state_dict(decoder: nn.Module, weights: Optional[Dict[str, torch.Tensor]] = None
+                         ) -> Dict[str, torch.Tensor]:
+    """The trained weights only: adapter tensors (PEFT key names) or the full decoder state. `weights` = the
+    decoder's full state dict gathered elsewhere (sharded runs); default: the module's own."""
     if isinstance(decoder, PeftModel):
-        return get_peft_model_state_dict(decoder)
-    return decoder.state_dict()
+        return get_peft_model_state_dict(decoder, state_dict=weights)
+    return decoder.state_dict() if weights is None else weights
 
 
-def save_adapter(decoder: PeftModel, directory: Path, dtype: torch.dtype = torch.float32) -> None:
-    """PEFT adapter directory: adapter_config.json + adapter_model.safetensors (decoder-relative keys, `dtype`)."""
-    decoder.save_pretrained(str(directory), safe_serialization=True)
+def save_adapter(decoder: PeftModel, directory: Path, dtype: torch.dtype = torch.float32,
+                 weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """PEFT adapter directory: adapter_config.json + adapter_model.safetensors (decoder-relative keys, `dtype`),
+    from `weights` (the wrapped decoder's full state dict) when given."""
+    decoder.save_pretrained(str(directory), safe_serialization=True, state_dict=weights)
     if dtype != torch.float32:
         path = str(Path(directory) / ADAPTER_WEIGHTS)
         save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
 
 
-def export_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype) -> Path:
-    """The portable result of a run, written atomically: the PEFT adapter (mode=lora) or the whole model in the
-    official layout (mode=full: config.json + model.safetensors, loads in official ACE-Step inference)."""
+def write_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype,
+                  weights: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """The trained weights as a user takes them elsewhere: the PEFT adapter directory (mode=lora) or the whole model
+    in the official layout (mode=full: config.json + model.safetensors, loads in official ACE-Step inference).
+
+    `weights` = the decoder's full state dict (keys of the unwrapped decoder) when the live one is sharded or
+    replaced (EMA); default: the module's own.
+    """
     if isinstance(decoder, PeftModel):
-        with atomic_directory(directory) as tmp:
-            save_adapter(decoder, tmp, dtype)
+        save_adapter(decoder, directory, dtype, weights)
         return Path(directory)
-    return save_full_model(model, directory, dtype=dtype)
+    state = model.state_dict()
+    if weights is not None:
+        state.update({f"decoder.{k}": v for k, v in weights.items()})
+    return save_full_model(model, directory, dtype=dtype, state=state)
+
+
+def export_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype,
+                   weights: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """`write_trained` into `directory` atomically (the final export of a run)."""
+    with atomic_directory(directory) as tmp:
+        write_trained(model, decoder, tmp, dtype, weights)
+    return Path(directory)
 
 
 def load_adapter_weights(decoder: PeftModel, directory: Path) -> None:

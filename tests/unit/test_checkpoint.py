@@ -7,13 +7,13 @@ import torch
 
 from acestep_ft.config import FullMode, LoraMode, OptimConfig
 from conftest import model_config
-from acestep_ft.model import load_model, save_full_model
+from acestep_ft.model import load_model
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, list_checkpoints, load_checkpoint, mark_best, read_best, resolve_resume, restore_rng,
     save_checkpoint, signature,
 )
 from acestep_ft.train.optim import build_optimizer, build_scheduler
-from acestep_ft.train.trainable import make_trainable, trainable_state_dict
+from acestep_ft.train.trainable import make_trainable, trainable_state_dict, write_trained
 
 
 
@@ -39,13 +39,13 @@ def take_steps(decoder, opt, sched, n=3):
 CONFIG = {"optim.lr": 1e-3, "model.variant": "tiny", "train.save_every": 5}
 
 
-def write(run_dir, step, model, decoder, opt, sched, mode_name, keep_last=3, save_full=None, keep_step=None,
+def write(run_dir, step, model, decoder, opt, sched, mode_name, keep_last=3, write_weights=None, keep_step=None,
           data_fingerprint=None):
     state = TrainingState(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                           sampler={"epoch": 0, "position": step}, rng=[capture_rng()], signature=signature(decoder),
                           mode=mode_name, config=CONFIG, data_fingerprint=data_fingerprint)
-    save_full = save_full or (lambda d: save_full_model(model, d, dtype=torch.float32))
-    return save_checkpoint(run_dir, state, decoder, save_full, "config: here\n", keep_last, keep_step)
+    write_weights = write_weights or (lambda d: write_trained(model, decoder, d, torch.float32))
+    return save_checkpoint(run_dir, state, write_weights, "config: here\n", keep_last, keep_step)
 
 
 @pytest.mark.parametrize("mode", [LoraMode(rank=4, alpha=4), FullMode()], ids=["lora", "full"])
@@ -91,7 +91,7 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path):
         raise KeyboardInterrupt("power cut")
 
     with pytest.raises(KeyboardInterrupt):
-        write(tmp_path, 2, model, decoder, opt, sched, "full", save_full=crash)
+        write(tmp_path, 2, model, decoder, opt, sched, "full", write_weights=crash)
     assert list_checkpoints(tmp_path) == [good]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]  # temp dir cleaned up
     assert resolve_resume("auto", tmp_path) == good
