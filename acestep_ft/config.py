@@ -473,6 +473,27 @@ class Config:
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
+def resolve_hardware(hw: HardwareConfig, cuda: bool, cuda_bf16: bool) -> tuple[bool, str]:
+    """(use the CPU, Accelerate mixed_precision) for the preset on a machine with or without a (bf16) CUDA GPU."""
+    on_cpu = hw.device == Device.cpu or (hw.device == Device.auto and not cuda)
+    precision = str(hw.mixed_precision)
+    if hw.mixed_precision == MixedPrecision.auto:
+        precision = "bf16" if not on_cpu and cuda_bf16 else "no"
+    return on_cpu, precision
+
+
+def flatten(cfg: Any) -> dict:
+    """A typed config (or any part of it) as {"optim.lr": 1e-4, ...}, enums as their strings."""
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> dict:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    return walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+
+
 def register_configs() -> None:
     """Register the schemas; every YAML option under conf/<group>/ starts from one of these."""
     cs = ConfigStore.instance()

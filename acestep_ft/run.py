@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.config import (
-    Config, Device, Distributed, FullMode, HardwareConfig, LoraMode, MixedPrecision, PreprocessedDataset,
+    Config, Device, Distributed, FullMode, LoraMode, MixedPrecision, PreprocessedDataset, flatten, resolve_hardware,
 )
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.distributed import (
@@ -40,6 +40,7 @@ from acestep_ft.model import load_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
+from acestep_ft.preflight.gate import preflight, world_size_from_env, write_rewrite
 from acestep_ft.train.checkpoint import (
     TrainingState, capture_rng, load_checkpoint, mark_best, resolve_resume, restore_rng, save_checkpoint, signature,
 )
@@ -60,26 +61,12 @@ def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def resolve_hardware(hw: HardwareConfig, cuda: bool, cuda_bf16: bool) -> Tuple[bool, str]:
-    """(use the CPU, Accelerate mixed_precision) for the preset on a machine with or without a (bf16) CUDA GPU."""
-    on_cpu = hw.device == Device.cpu or (hw.device == Device.auto and not cuda)
-    precision = str(hw.mixed_precision)
-    if hw.mixed_precision == MixedPrecision.auto:
-        precision = "bf16" if not on_cpu and cuda_bf16 else "no"
-    return on_cpu, precision
-
-
 def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     """Problems visible without loading weights, all reported at once, each with its fix.
 
     Returns the checkpoint to resume from (None for a fresh start).
     """
     problems = []
-    if isinstance(cfg.mode, FullMode) and not cfg.mode.i_understand_vram_risk and cfg.model.variant != "tiny":
-        problems.append(
-            "mode=full trains every decoder weight (~16 bytes per parameter with AdamW: ~25 GB for the 2B "
-            "decoder before activations). Confirm with mode.i_understand_vram_risk=true, or use mode=lora."
-        )
     if cfg.model.path is None and cfg.model.variant != "tiny":
         problems.append(
             f"model variant {cfg.model.variant!r} needs its weights: set model.path=/path/to/checkpoint-dir "
@@ -234,12 +221,7 @@ def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> B
 
 def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
-    def walk(node: Any, prefix: str) -> Dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-
-    flat = walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    flat = flatten(cfg)
     flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
     return flat
 
@@ -285,8 +267,24 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
     """
     run_dir = Path(run_dir)
     resume_from = check_config(cfg, run_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # no process group yet
+    verdict = preflight(cfg, world_size_from_env())  # refuses (SystemExit) before any weights load
+    if main_process:
+        print("memory preflight:\n" + verdict.report(), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    losses = _train(cfg, run_dir, choices or {}, resume_from)
+    if verdict.changes:
+        if main_process:
+            write_rewrite(run_dir, cfg, verdict)
+            print(f"memory preflight rewrote the config to fit: {run_dir / 'preflight'} holds it and the diff")
+        cfg = verdict.cfg
+    try:
+        losses = _train(cfg, run_dir, choices or {}, resume_from)
+    except torch.OutOfMemoryError:
+        raise SystemExit(
+            "CUDA out of memory although the preflight estimated it fits:\n" + verdict.report()
+            + "\nCheckpoints already in the run directory are complete (written atomically). Lower the memory: "
+            "preflight.overhead_gb higher (then the gate rewrites or refuses earlier), hardware.gradient_checkpointing"
+            "=1, a smaller hardware.batch_size with more train.grad_accum, or optim=adamw8bit.") from None
     # Tear down in order on every process: _train's DDP wrapper and optimizer are freed by now, then all ranks meet
     # and drop the process group together. A gloo rank whose peer already exited can hang in the destructor.
     gc.collect()

@@ -95,12 +95,13 @@ class MemoryEstimate:
         return sum(t.bytes for t in self.terms)
 
     def table(self) -> str:
-        """Aligned text table: term, GiB, detail; then the total."""
-        rows = [(t.name, f"{t.bytes / GIB:.2f}", t.detail) for t in self.terms]
-        rows.append(("total", f"{self.total / GIB:.2f}", "peak device memory of one training step (estimate)"))
+        """Aligned text table: term, size (GiB, or MiB when the total is under 1 GiB), detail; then the total."""
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        rows = [(t.name, f"{t.bytes / scale:.2f}", t.detail) for t in self.terms]
+        rows.append(("total", f"{self.total / scale:.2f}", "peak device memory of one training step (estimate)"))
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
-        lines = [f"{'term':<{w0}}  {'GiB':>{w1}}  detail"]
+        lines = [f"{'term':<{w0}}  {unit:>{w1}}  detail"]
         for i, (name, gib, detail) in enumerate(rows):
             if i == len(rows) - 1:
                 lines.append("-" * (w0 + w1 + 10))
@@ -432,8 +433,10 @@ def layer_cost(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank:
 
 
 def _autocast_bytes(cfg: Config) -> int:
-    """Bytes per element of the autocast dtype on a CUDA GPU (mixed_precision auto = bf16 there); 4 = no autocast."""
-    return 4 if str(cfg.hardware.mixed_precision) == "no" else 2
+    """Bytes per element of the autocast dtype: 2 for bf16/fp16 (auto = bf16 on a CUDA GPU); 4 = no autocast
+    (mixed_precision no, or auto on the CPU)."""
+    precision, device = str(cfg.hardware.mixed_precision), str(cfg.hardware.device)
+    return 4 if precision == "no" or (precision == "auto" and device == "cpu") else 2
 
 
 def _shape(cfg: Config, batch: int, frames: int, cond_len: int) -> _Shape:

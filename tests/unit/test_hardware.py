@@ -3,7 +3,7 @@
 import pytest
 
 from acestep_ft.config import HardwareConfig
-from acestep_ft.run import resolve_hardware
+from acestep_ft.config import resolve_hardware
 
 
 @pytest.mark.parametrize("device,precision,cuda,bf16,expected", [

@@ -1,0 +1,295 @@
+"""The memory gate: estimate a run's peak device memory before any weights load, and refuse, rewrite or warn.
+
+    verdict = preflight(cfg, world_size=1)     # Verdict: the estimate, the budget, fits or not, the config to train
+    verdict.report()                           # the term table, the verdict line, suggestions when it does not fit
+
+Budget = `hardware.memory_gb` (presets set it) or the visible GPU's total memory, minus `preflight.overhead_gb`; on
+the CPU without `hardware.memory_gb` there is no budget and the gate only reports.
+
+The worst case is the largest micro-batch the sampler can build from the actual data (lengths read from the index,
+the .pt headers or the synthetic draws; the crop cap applied): the batch with the most padded frames and the
+batch of the longest clip, whichever estimates higher, with the longest condition.
+
+Rewrite order (`preflight.policy=rewrite`; each step only when still over budget, the first setting that fits wins):
+  1. train.ema.on_cpu=true (the EMA copy leaves the device; nothing computed changes)
+  2. hardware.gradient_checkpointing: 0.25, 0.5, then every layer (recompute instead of keeping activations)
+  3. halve hardware.batch_size (and hardware.max_frames_per_batch) and multiply train.grad_accum to match, down to
+     batch 1: the effective batch per optimizer step stays the same
+  4. optim: torch AdamW -> bitsandbytes AdamW8bit (same betas, eps, weight decay)
+  5. several processes: hardware.distributed=fsdp (shards weights, gradients, optimizer state); then
+     hardware.offload=true
+The trained parameter set, the effective batch and the data never change; each change is printed, and the
+rewritten config with a diff is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from acestep_ft.config import (
+    CacheConfig, CachePolicy, Config, Device, Distributed, FullMode, LoraMode, MixedPrecision, PreflightPolicy,
+    SyntheticDataset, flatten, resolve_hardware,
+)
+from acestep_ft.data.crop import capped_lengths, seconds_to_frames
+from acestep_ft.data.sampler import LengthBucketSampler
+from acestep_ft.preflight.estimate import MemoryEstimate, estimate_memory
+
+GIB = 2**30
+ADAMW = "torch.optim.AdamW"
+ADAMW_8BIT = "bitsandbytes.optim.AdamW8bit"
+
+
+@dataclass
+class DataShape:
+    """What the estimate needs from the data: T per sample (after the crop cap) and the longest condition."""
+
+    lengths: List[int]
+    max_cond_len: int
+    where: str  # for the report: "32 generated samples", "/data/x (index)"
+
+
+def data_shape(cfg: Config) -> DataShape:
+    """Lengths of the training data without decoding tensors (index, headers, synthetic draws)."""
+    cap = seconds_to_frames(cfg.dataset.max_seconds)
+    if isinstance(cfg.dataset, SyntheticDataset):
+        from acestep_ft.data.synthetic import synthetic_lengths
+
+        return DataShape(capped_lengths(synthetic_lengths(cfg.dataset), cap), cfg.dataset.condition_length,
+                         f"{cfg.dataset.num_samples} generated samples")
+    from acestep_ft.data.dataset import build_dataset
+
+    width = cfg.model.encoder_hidden_size or cfg.model.hidden_size
+    source = build_dataset(cfg.dataset, CacheConfig(policy=CachePolicy.none), encoder_width=width)
+    return DataShape(capped_lengths(source.lengths, cap), max(source.cond_lengths), f"{cfg.dataset.path}")
+
+
+def worst_batches(cfg: Config, shape: DataShape, world_size: int) -> List[Tuple[int, int]]:
+    """(batch, padded frames) candidates for the peak: the batch with the most padded frames and the batch holding
+    the longest clip, as the sampler builds them for this config."""
+    sampler = LengthBucketSampler(
+        shape.lengths, cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
+        bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
+        max_frames_per_batch=cfg.hardware.max_frames_per_batch, world_size=world_size)
+    batches = [(len(b), max(shape.lengths[i] for i in b)) for b in sampler.global_batches(0)]
+    most = max(batches, key=lambda bt: bt[0] * bt[1])
+    longest = max(batches, key=lambda bt: (bt[1], bt[0]))
+    return sorted({most, longest})
+
+
+def device_budget(cfg: Config) -> Optional[int]:
+    """Bytes of device memory per process: hardware.memory_gb, else the visible GPU's (None on the CPU)."""
+    if cfg.hardware.memory_gb is not None:
+        return int(cfg.hardware.memory_gb * GIB)
+    if cfg.hardware.device != Device.cpu and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def on_this_machine(cfg: Config) -> Config:
+    """`cfg` with hardware.device / mixed_precision auto resolved the way the run will resolve them here."""
+    cuda = torch.cuda.is_available()
+    on_cpu, precision = resolve_hardware(cfg.hardware, cuda, cuda and torch.cuda.is_bf16_supported())
+    resolved = copy.deepcopy(cfg)
+    resolved.hardware.device = Device.cpu if on_cpu else Device.cuda
+    resolved.hardware.mixed_precision = MixedPrecision(precision)
+    return resolved
+
+
+def estimate_config(cfg: Config, shape: DataShape, world_size: int) -> MemoryEstimate:
+    """The estimate of the worst batch of this config on this machine (the higher of the candidate batches)."""
+    resolved = on_this_machine(cfg)
+    estimates = [estimate_memory(resolved, b, t, shape.max_cond_len, world_size)
+                 for b, t in worst_batches(cfg, shape, world_size)]
+    return max(estimates, key=lambda e: e.total)
+
+
+@dataclass
+class Verdict:
+    cfg: Config                      # the config to train (rewritten when the gate changed it)
+    estimate: MemoryEstimate
+    budget: Optional[int]            # bytes per process, before the overhead reserve
+    overhead: int                    # preflight.overhead_gb in bytes
+    changes: List[str] = field(default_factory=list)      # "key: old -> new" applied by a rewrite
+    suggestions: List[str] = field(default_factory=list)  # when it does not fit
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.budget is None else self.estimate.total + self.overhead <= self.budget
+
+    def report(self) -> str:
+        lines = [self.estimate.table(), f"reserve: {self.overhead / GIB:.2f} GiB (preflight.overhead_gb: CUDA context, "
+                                        "workspaces, fragmentation)"]
+        if self.budget is None:
+            lines.append("verdict: no device budget (CPU; set hardware.memory_gb to check one)")
+        else:
+            need = (self.estimate.total + self.overhead) / GIB
+            lines.append(f"verdict: {'fits' if self.fits else 'DOES NOT FIT'}: {need:.2f} GiB needed of "
+                         f"{self.budget / GIB:.2f} GiB per process")
+        lines += [f"  rewritten: {c}" for c in self.changes]
+        lines += [f"  suggestion: {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+def _changed(cfg: Config, edit: Callable[[Config], None]) -> Config:
+    new = copy.deepcopy(cfg)
+    edit(new)
+    return new
+
+
+def _checkpointing_steps(cfg: Config) -> Iterator[Config]:
+    """More recomputation than now: ratios 0.25, 0.5, then every layer (from every N-th, only every layer)."""
+    now = cfg.hardware.gradient_checkpointing
+    for ratio in (0.25, 0.5, 1.0):
+        if (now == 0 or now < ratio < 1 or ratio == 1) and now != 1:
+            yield _changed(cfg, lambda c, r=ratio: setattr(c.hardware, "gradient_checkpointing", r))
+
+
+def _smaller_batch(cfg: Config) -> Optional[Config]:
+    """Batch divided by its smallest factor, accumulation multiplied by it (same samples per optimizer step)."""
+    b = cfg.hardware.batch_size
+    if b <= 1:
+        return None
+    factor = next(f for f in range(2, b + 1) if b % f == 0)
+
+    def edit(c: Config) -> None:
+        c.hardware.batch_size = b // factor
+        c.hardware.max_frames_per_batch = cfg.hardware.max_frames_per_batch // factor
+        c.train.grad_accum = cfg.train.grad_accum * factor
+
+    return _changed(cfg, edit)
+
+
+def rewrite_candidates(cfg: Config, world_size: int) -> Iterator[Tuple[str, Config]]:
+    """Successively cheaper-on-memory configs in the documented order; each builds on the previous step's
+    strongest setting. Yields (step name, config)."""
+    current = cfg
+    if cfg.train.ema.enabled and not cfg.train.ema.on_cpu:
+        current = _changed(current, lambda c: setattr(c.train.ema, "on_cpu", True))
+        yield "EMA to host RAM", current
+    for candidate in _checkpointing_steps(current):
+        current = candidate
+        yield "gradient checkpointing", current
+    while (smaller := _smaller_batch(current)) is not None:
+        current = smaller
+        yield "smaller micro-batch, more accumulation", current
+    target = current.optim.optimizer.get("_target_") if isinstance(current.optim.optimizer, dict) else None
+    if target == ADAMW:
+        current = _changed(current, lambda c: c.optim.optimizer.update({"_target_": ADAMW_8BIT}))
+        yield "8-bit optimizer", current
+    on_gpu = cfg.hardware.device == Device.cuda or (cfg.hardware.device == Device.auto and torch.cuda.is_available())
+    if (on_gpu and world_size > 1 and current.hardware.distributed == Distributed.ddp
+            and not current.train.ema.enabled):
+        current = _changed(current, lambda c: setattr(c.hardware, "distributed", Distributed.fsdp))
+        yield "sharding", current
+    if current.hardware.distributed != Distributed.ddp and not current.hardware.offload:
+        current = _changed(current, lambda c: setattr(c.hardware, "offload", True))
+        yield "offload", current
+
+
+def config_diff(old: Config, new: Config) -> List[Tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def format_diff(diff: List[Tuple[str, Any, Any]]) -> List[str]:
+    return [f"{key}: {old} -> {new}" for key, old, new in diff]
+
+
+def effective_batch(cfg: Config, world_size: int) -> int:
+    return cfg.hardware.batch_size * cfg.train.grad_accum * world_size
+
+
+def suggestions(cfg: Config, shape: DataShape, world_size: int, room: int) -> List[str]:
+    """What would fit within `room` bytes: each rewrite step, LoRA ranks for a full run, a crop length, a GPU size."""
+    out = []
+    for name, candidate in rewrite_candidates(cfg, world_size):
+        total = estimate_config(candidate, shape, world_size).total
+        if total <= room:
+            diff = " ".join(f"{key}={new}" for key, _, new in config_diff(cfg, candidate))
+            out.append(f"fits ({total / GIB:.2f} GiB) with the rewrite up to '{name}': {diff} "
+                       "(preflight.policy=rewrite applies it)")
+            break
+    if isinstance(cfg.mode, FullMode):
+        for rank in (256, 128, 64, 32, 16, 8):
+            lora = _changed(cfg, lambda c, r=rank: setattr(c, "mode", LoraMode(rank=r, alpha=2.0 * r)))
+            total = estimate_config(lora, shape, world_size).total
+            if total <= room:
+                out.append(f"this fits as LoRA rank {rank} ({total / GIB:.2f} GiB): mode=lora mode.rank={rank}")
+                break
+    longest = max(shape.lengths)
+    for seconds in (120, 60, 30, 15):
+        frames = seconds_to_frames(seconds)
+        if frames >= longest:
+            continue
+        cropped = DataShape([min(t, frames) for t in shape.lengths], shape.max_cond_len, shape.where)
+        total = estimate_config(cfg, cropped, world_size).total
+        if total <= room:
+            out.append(f"cropping clips to {seconds} s fits ({total / GIB:.2f} GiB): dataset.max_seconds={seconds} "
+                       "(trains on random windows of longer clips)")
+            break
+    need = estimate_config(cfg, shape, world_size).total
+    out.append(f"as configured it needs {need / GIB:.2f} GiB + the reserve per process: a larger GPU, or more "
+               "processes with hardware.distributed=fsdp")
+    return out
+
+
+def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -> Verdict:
+    """Estimate, and refuse (SystemExit), rewrite or warn according to preflight.policy and the full-mode opt-in.
+
+    Returns the verdict; `verdict.cfg` is the config to train.
+    """
+    shape = shape or data_shape(cfg)
+    budget = device_budget(cfg)
+    overhead = int(cfg.preflight.overhead_gb * GIB)
+    verdict = Verdict(cfg, estimate_config(cfg, shape, world_size), budget, overhead)
+    full, opted_in = isinstance(cfg.mode, FullMode), getattr(cfg.mode, "i_understand_vram_risk", False)
+    if verdict.fits is None:
+        if full and not opted_in and cfg.model.variant != "tiny":
+            raise SystemExit(verdict.report() + "\nmode=full without a device budget to check: confirm with "
+                             "mode.i_understand_vram_risk=true, or give hardware.memory_gb / a GPU preset.")
+        return verdict
+    if verdict.fits:
+        return verdict
+    room = budget - overhead
+    verdict.suggestions = suggestions(cfg, shape, world_size, room)
+    policy = cfg.preflight.policy
+    if policy == PreflightPolicy.auto:
+        policy = PreflightPolicy.refuse if full else PreflightPolicy.rewrite
+    if full and not opted_in:
+        raise SystemExit(verdict.report() + "\nmode=full does not fit the budget: refused (mode.i_understand_vram_risk"
+                         "=true with preflight.policy=rewrite lets the gate rewrite it to fit).")
+    if policy == PreflightPolicy.warn:
+        return verdict
+    if policy == PreflightPolicy.rewrite:
+        for _, candidate in rewrite_candidates(cfg, world_size):
+            estimate = estimate_config(candidate, shape, world_size)
+            if estimate.total <= room:
+                assert effective_batch(candidate, world_size) == effective_batch(cfg, world_size)
+                return Verdict(candidate, estimate, budget, overhead, format_diff(config_diff(cfg, candidate)))
+        verdict.suggestions.insert(0, "no rewrite in the documented order fits")
+    raise SystemExit(verdict.report() + f"\nRefused (preflight.policy={cfg.preflight.policy}): the estimate exceeds "
+                     "the budget. Apply a suggestion above, or preflight.policy=warn to try anyway.")
+
+
+def world_size_from_env() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE) before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def write_rewrite(run_dir: Path, original: Config, verdict: Verdict) -> None:
+    """<run>/preflight/: config.yaml (what trains), diff.txt (the changes) and estimate.txt."""
+    from acestep_ft.atomic import atomic_write_bytes
+
+    out = Path(run_dir) / "preflight"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(verdict.cfg)).encode())
+    atomic_write_bytes(out / "diff.txt", ("\n".join(format_diff(config_diff(original, verdict.cfg))) + "\n").encode())
+    atomic_write_bytes(out / "estimate.txt", (verdict.report() + "\n").encode())
