@@ -1,6 +1,6 @@
 """Multi-process strategy (`hardware.distributed`) mapped onto Accelerate, and saving/resuming under each.
 
-ddp        replicated weights, gradients all-reduced (Accelerate's default): no plugin.
+ddp        replicated weights, gradients all-reduced in place in DDP's buckets (gradient_as_bucket_view).
 fsdp       FSDP2 (`torch.distributed.fsdp.fully_shard`): each `DiTLayer` is its own shard group, the root holds the rest;
            weights, gradients and optimizer state are DTensors sharded over the processes. Needs a CUDA GPU:
            Accelerate applies its FSDP plugin only to multi-GPU runs.
@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor, nn
 
 from acestep_ft.config import Distributed, HardwareConfig
@@ -58,7 +58,8 @@ def accelerator_kwargs(hw: HardwareConfig, on_cpu: bool, grad_clip: float, grad_
         raise ValueError("hardware.offload=true needs hardware.distributed=fsdp or deepspeed; ddp keeps everything on "
                          "the GPU. Set hardware.offload=false, or pick a sharded strategy.")
     if hw.distributed == Distributed.ddp:
-        return {}
+        # gradients live in DDP's buckets instead of beside them: one fp32 copy of the trained weights less
+        return {"kwargs_handlers": [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]}
     if on_cpu:
         raise ValueError(f"hardware.distributed={hw.distributed} needs a CUDA GPU: on the CPU Accelerate ignores the "
                          f"{hw.distributed} plugin and would silently train with replicated weights. Use "

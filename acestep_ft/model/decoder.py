@@ -153,7 +153,9 @@ class AceStepDiTModel(nn.Module):
         pad = (-seq_len) % self.patch_size
         if pad:
             x = F.pad(x, (0, 0, 0, pad))  # zero frames, as the official code does
-        x = self.proj_in(x)  # [B, Tp, H]
+        # row-major, not the Conv1d's transposed layout: otherwise every Linear of every layer copies its input
+        # (and autograd keeps each copy) for batches of more than one clip
+        x = self.proj_in(x).contiguous()  # [B, Tp, H]
         cond = self.condition_embedder(encoder_hidden_states)  # [B, L, H]
 
         n_patches = x.shape[1]

@@ -24,14 +24,13 @@ Resident (the whole step)
 - EMA               4 * trainable (0 with train.ema.on_cpu); sharded like the weights under FSDP.
 - batches           4 * (B*T*(C + C_ctx + 1) + B*L*(E + 1)) per batch; 4 batches with device prefetch (the one in
                     use, a queue of 2, one held by the worker), else 1.
-- DDP buckets       4 * trainable with several ddp processes (Accelerate leaves gradient_as_bucket_view off, so
-                    DDP keeps its own copy of every gradient).
+- DDP buckets       none: the run sets gradient_as_bucket_view, so gradients are views into DDP's buckets.
 
 Forward/backward high-water mark (walked layer by layer; LoRA/full/unfreeze decided per tensor on the meta model)
 - saved activations per DiT layer: what autograd keeps, enumerated op by op in `_LayerCost` (RMSNorm keeps its
   fp32 input, the normalized a-copy when its weight trains, the fp32 modulated value when adaLN trains; each
-  Linear keeps its input when its weight trains (one shared copy for B = 1; for B > 1 every Linear copies its
-  input, since the residual stream keeps the transposed layout of proj_in's Conv1d output); SDPA keeps q, k, v,
+  Linear keeps its input when its weight trains (Linears reading the same row-major input share one copy; the
+  decoder makes the residual stream row-major after proj_in's Conv1d); SDPA keeps q, k, v,
   out (a*M*Q each side) and a bias a*N^2 on sliding layers; eager keeps q, k, v, fp32 and a-probabilities
   (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r; a
   frozen Linear whose input needs a gradient keeps its a-cast weight under autocast).
@@ -334,17 +333,16 @@ def _attention(s: _Shape, rows: int, keys: int, q_len: int, k_len: int, bias_row
 
 
 def _linears(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], names: Tuple[str, ...], rows: int,
-             in_grad: bool, contiguous: bool, rank: int, dropout: bool) -> Tuple[int, int]:
+             in_grad: bool, counted_elsewhere: bool, rank: int, dropout: bool) -> Tuple[int, int]:
     """(activation bytes, frozen-weight-cast bytes) that the Linears `names` reading one input keep.
 
-    train: the input. Inputs in the residual stream's transposed layout (`contiguous` False) are copied by every
-    Linear for B > 1; otherwise all read one view, counted once here (condition: counted in the head).
+    train: the input; Linears reading one input share it (the decoder keeps the residual stream row-major), counted
+    once here unless `counted_elsewhere` (the condition, counted in the head; an attention output).
     lora: the adapter's dropout output + bool mask (a + 1) * rows * in (dropout > 0; else the input as for train)
     and its rank-r activation a * rows * r; the frozen base keeps its a-cast weight (autocast) if the input needs
     a gradient. frozen: that cast weight only.
     """
     act = cast = 0
-    view_counted = not contiguous and s.B == 1 or contiguous
     shared = False
     for name in names:
         kind = lt.linears[name]
@@ -357,11 +355,9 @@ def _linears(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], names: 
             act += s.a * rows * rank
         if kind == "lora" and dropout:
             act += (s.a + 1) * rows * fan_in
-        elif not view_counted:
-            act += s.a * rows * fan_in  # its own copy of the input
         else:
             shared = True
-    return act + (s.a * rows * lin[names[0]][0] if shared and not contiguous else 0), cast
+    return act + (s.a * rows * lin[names[0]][0] if shared and not counted_elsewhere else 0), cast
 
 
 def _o_proj(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], name: str, rank: int,
@@ -493,9 +489,6 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
     terms.append(Term("batches", n_batches * batch_bytes(cfg, batch, frames, cond_len),
                       f"{n_batches} x fp32 batch [{batch} x {frames} frames, condition {cond_len}]"
                       + (" (device prefetch: in use + queue of 2 + one in the worker)" if n_batches > 1 else "")))
-    if dist == "ddp":
-        terms.append(Term("DDP gradient buckets", F32 * n_train,
-                          "DDP's own fp32 copy of every gradient (gradient_as_bucket_view is off)"))
     grad_div = W if fsdp or zero >= 2 else 1
 
     # --- forward / backward, walked ---

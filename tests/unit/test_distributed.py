@@ -38,9 +38,11 @@ def with_deepspeed(monkeypatch):
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
 
 
-def test_ddp_needs_no_plugin():
-    assert accelerator_kwargs(hw(), on_cpu=True, grad_clip=1.0, grad_accum=2) == {}
-    assert accelerator_kwargs(hw(), on_cpu=False, grad_clip=1.0, grad_accum=2) == {}
+def test_ddp_needs_no_plugin_and_keeps_gradients_in_its_buckets():
+    for on_cpu in (True, False):
+        kwargs = accelerator_kwargs(hw(), on_cpu=on_cpu, grad_clip=1.0, grad_accum=2)
+        assert set(kwargs) == {"kwargs_handlers"}
+        assert kwargs["kwargs_handlers"][0].gradient_as_bucket_view
 
 
 @pytest.mark.parametrize("strategy", [Distributed.fsdp, Distributed.deepspeed])
