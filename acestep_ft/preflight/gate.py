@@ -15,7 +15,8 @@ Rewrite order (`preflight.policy=rewrite`; each step only when still over budget
   2. hardware.gradient_checkpointing: 0.25, 0.5, then every layer (recompute instead of keeping activations)
   3. halve hardware.batch_size (and hardware.max_frames_per_batch) and multiply train.grad_accum to match, down to
      batch 1: the effective batch per optimizer step stays the same
-  4. optim: torch AdamW -> bitsandbytes AdamW8bit (same betas, eps, weight decay)
+  4. optim: torch AdamW -> fused AdamW (no step temporaries; same update up to rounding), then bitsandbytes
+     AdamW8bit (same betas, eps, weight decay)
   5. several processes: hardware.distributed=fsdp (shards weights, gradients, optimizer state); then
      hardware.offload=true
 The trained parameter set, the effective batch and the data never change; each change is printed, and the
@@ -180,8 +181,12 @@ def rewrite_candidates(cfg: Config, world_size: int) -> Iterator[Tuple[str, Conf
         current = smaller
         yield "smaller micro-batch, more accumulation", current
     target = current.optim.optimizer.get("_target_") if isinstance(current.optim.optimizer, dict) else None
+    if target == ADAMW and not current.optim.optimizer.get("fused"):
+        current = _changed(current, lambda c: c.optim.optimizer.update({"fused": True}))
+        yield "fused AdamW", current
     if target == ADAMW:
         current = _changed(current, lambda c: c.optim.optimizer.update({"_target_": ADAMW_8BIT}))
+        current.optim.optimizer.pop("fused", None)  # bitsandbytes takes no such argument
         yield "8-bit optimizer", current
     on_gpu = cfg.hardware.device == Device.cuda or (cfg.hardware.device == Device.auto and torch.cuda.is_available())
     if (on_gpu and world_size > 1 and current.hardware.distributed == Distributed.ddp

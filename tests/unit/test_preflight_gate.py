@@ -61,7 +61,7 @@ def test_lora_is_rewritten_in_the_documented_order_keeping_the_effective_batch()
     changed = {key for key, _, _ in config_diff(cfg, verdict.cfg)}
     assert "hardware.gradient_checkpointing" in changed  # the first step tried
     assert changed <= {"hardware.gradient_checkpointing", "hardware.batch_size", "train.grad_accum",
-                       "hardware.max_frames_per_batch", "optim.optimizer._target_"}
+                       "hardware.max_frames_per_batch", "optim.optimizer.fused", "optim.optimizer._target_"}
     assert effective_batch(verdict.cfg, 1) == effective_batch(cfg, 1) == 8
     assert verdict.cfg.mode == cfg.mode  # the trained set never changes
 
