@@ -494,10 +494,53 @@ def flatten(cfg: Any) -> dict:
     return walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
 
 
+@dataclass
+class PreprocessConfig:
+    """Audio folder -> v3 shards + index + fingerprint (scripts/preprocess.py)."""
+
+    input_dir: str = MISSING
+    """Folder of audio files (wav, flac, mp3, ogg; searched recursively) with sidecar captions/lyrics."""
+    output_dir: str = MISSING
+    """Where the v3 dataset goes (index.jsonl, shard-*.tar, fingerprint.json); work in progress in output_dir/.work."""
+    metadata_csv: Optional[str] = None
+    """CSV with a `file` column (path relative to input_dir) and caption, lyrics, bpm, keyscale, timesignature;
+    None = sidecars: song.json ({"caption", "lyrics", ...}), or song.txt (caption) + song.lyrics.txt."""
+    vae_path: Optional[str] = None
+    """diffusers AutoencoderOobleck directory; None = <model.path>/../vae (the official checkpoint layout)."""
+    text_encoder_path: Optional[str] = None
+    """Text encoder + tokenizer directory (transformers); None = <model.path>/../Qwen3-Embedding-0.6B."""
+    max_seconds: float = 240.0
+    """Audio longer than this is truncated (the official preprocessor's max_duration)."""
+    chunk_seconds: float = 30.0
+    """VAE encoding window for long audio (lower it when the VAE runs out of memory)."""
+    overlap_seconds: float = 2.0
+    """Context on each side of a window, encoded and discarded, so chunk seams do not show."""
+    text_max_tokens: int = 256
+    """Caption prompt length (padded / truncated), as the official preprocessor."""
+    lyric_max_tokens: int = 512
+    """Lyric length (padded / truncated), as the official preprocessor."""
+    dtype: ExportDtype = ExportDtype.bfloat16
+    """Stored tensor dtype (official CUDA preprocessing stores bf16)."""
+    shard_mb: int = 1024
+    """Target shard size in MB."""
+    seed: int = 0
+    """Seed of the VAE latent sampling (latent_dist.sample(), as the official preprocessor), per song."""
+
+
+@dataclass
+class PreprocessRoot:
+    """scripts/preprocess.py: the model (its condition encoder and checkpoint directory) + device + the settings."""
+
+    model: ModelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
 def register_configs() -> None:
     """Register the schemas; every YAML option under conf/<group>/ starts from one of these."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(name="base_preprocess", node=PreprocessRoot)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="mode", name="base_lora", node=LoraMode)
     cs.store(group="mode", name="base_full", node=FullMode)
