@@ -1,0 +1,226 @@
+"""Preprocessing end to end with tiny random encoders of the real classes: audio folder -> v3 -> validate -> train.
+
+The fixtures build an official-layout checkpoint tree: `dit/` (our tiny ACE-Step via save_full_model), `vae/` (a
+diffusers AutoencoderOobleck: 25 latent frames/s x 64 channels like the real one, but at 4.8 kHz with hop 192 and
+128-wide layers, so that a CPU encodes seconds of audio in well under a second) and `Qwen3-Embedding-0.6B/` (a
+2-layer transformers Qwen3Model of the tiny model's text width + a WordLevel tokenizer built with `tokenizers`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from acestep_ft.config import HardwareConfig, PreprocessConfig
+from acestep_ft.data.fingerprint import read_fingerprint
+from acestep_ft.data.v3_reader import V3Directory
+from acestep_ft.model import load_model, save_full_model
+from acestep_ft.model.checkpoint_io import condition_encoder_digest
+from acestep_ft.preprocess import pipeline
+from acestep_ft.preprocess.encoders import Encoders
+from conftest import model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("# Instruction Fill the audio semantic mask based on given conditions: Caption Metas - bpm timesignature "
+         "keyscale duration seconds N/A [Instrumental] la da di lofi piano warm tape noise synth pop 4 C major "
+         "A minor 90 120 1 2 3 5 6 7 8 9 0").split()
+
+
+def tiny_vae(seed: int = 0):
+    """AutoencoderOobleck with the ACE-Step latent geometry (25 frames/s, 64 channels) at a tenth of the rate."""
+    from diffusers import AutoencoderOobleck
+
+    torch.manual_seed(seed)
+    return AutoencoderOobleck(encoder_hidden_size=128, downsampling_ratios=[2, 4, 4, 6], channel_multiples=[1, 1, 1, 1],
+                              decoder_channels=8, decoder_input_channels=64, audio_channels=2,
+                              sampling_rate=4800).eval()
+
+
+def tiny_text_encoder(directory: Path, hidden: int, seed: int = 0) -> None:
+    """A 2-layer Qwen3Model + a WordLevel tokenizer (pad = <|endoftext|> as Qwen's), saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<|endoftext|>", *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)
+    Qwen3Model(cfg).eval().save_pretrained(directory)
+
+
+def build_checkpoints(root: Path) -> Path:
+    """root/{dit, vae, Qwen3-Embedding-0.6B}; returns the DiT directory (model.path)."""
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    dit = save_full_model(load_model(cfg), root / "dit")
+    torch.save(torch.randn(1, 64, 300), dit / "silence_latent.pt")  # official layout [1, 64, Ts]
+    tiny_vae().save_pretrained(root / "vae")
+    tiny_text_encoder(root / "Qwen3-Embedding-0.6B", cfg.text_hidden_dim)
+    return dit
+
+
+def tone(seconds: float, rate: int, channels: int, freq: float = 220.0, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).normal(0, 0.05, (t.size, channels))
+    return (0.3 * np.sin(2 * np.pi * freq * t)[:, None] + noise).astype(np.float32)
+
+
+def build_songs(root: Path) -> Path:
+    """Seven files: five usable (rates, channel counts, an mp3, sidecar kinds), one corrupt, one uncaptioned."""
+    songs = root / "music"
+    (songs / "album").mkdir(parents=True)
+    sf.write(songs / "a_mono.wav", tone(2.0, 22050, 1), 22050)
+    (songs / "a_mono.txt").write_text("lofi piano warm tape noise")
+    sf.write(songs / "album" / "b_stereo.flac", tone(3.2, 44100, 2, 330), 44100)
+    (songs / "album" / "b_stereo.json").write_text(json.dumps(
+        {"caption": "synth pop", "lyrics": "la da di", "bpm": 120, "keyscale": "C major", "timesignature": "4"}))
+    sf.write(songs / "c_surround.wav", tone(1.5, 48000, 4, 440), 48000)
+    (songs / "c_surround.txt").write_text("warm synth")
+    (songs / "c_surround.lyrics.txt").write_text("da di da")
+    sf.write(songs / "d.mp3", tone(2.0, 44100, 2, 262), 44100, format="MP3")
+    (songs / "d.json").write_text(json.dumps({"caption": "piano", "bpm": "90.0"}))
+    sf.write(songs / "e_long.wav", tone(4.0, 16000, 1, 500), 16000)
+    (songs / "e_long.txt").write_text("lofi synth")
+    (songs / "f_corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 4)
+    (songs / "f_corrupt.txt").write_text("noise")
+    sf.write(songs / "g_uncaptioned.wav", tone(1.2, 48000, 2), 48000)
+    return songs
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    return build_checkpoints(root / "ckpt"), build_songs(root)
+
+
+def run_script(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "preprocess.py"), *overrides], cwd=cwd,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def read_all(path: Path) -> dict:
+    v3 = V3Directory(path, encoder_width=64, verify_checksums=True)
+    return {v3[i].key: (vars(v3[i]), v3.metadata(i)) for i in range(len(v3))}
+
+
+def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
+    dit, songs = tree
+    out = tmp_path / "out"
+    proc = run_script("model=tiny", f"model.path={dit}", "hardware=cpu", f"preprocess.input_dir={songs}",
+                      f"preprocess.output_dir={out}", "preprocess.chunk_seconds=1.6", "preprocess.overlap_seconds=0.4",
+                      "preprocess.max_seconds=3.0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 songs in the dataset" in proc.stdout and "2 skipped" in proc.stdout
+    assert "skipped f_corrupt.wav: unreadable" in proc.stdout
+    assert "skipped g_uncaptioned.wav: no caption (add g_uncaptioned.json or g_uncaptioned.txt)" in proc.stdout
+    assert not (out / ".work").exists() and sorted(p.name for p in out.iterdir())[-2:] == ["index.jsonl",
+                                                                                          "shard-00000.tar"]
+    data = read_all(out)
+    assert sorted(data) == ["a_mono.wav", "album/b_stereo.flac", "c_surround.wav", "d.mp3", "e_long.wav"]
+    tensors, meta = data["album/b_stereo.flac"]
+    assert tensors["target_latents"].shape == (75, 64) and tensors["target_latents"].dtype == torch.bfloat16  # 3 s
+    assert meta["duration"] == 3 and meta["lyrics"] == "la da di" and meta["bpm"] == 120
+    assert data["e_long.wav"][0]["target_latents"].shape[0] == 75  # 4 s truncated to max_seconds=3
+    assert data["a_mono.wav"][1]["lyrics"] == "[Instrumental]" and data["d.mp3"][1]["bpm"] == 90
+    silence = torch.load(dit / "silence_latent.pt")[0].T
+    ctx = tensors["context_latents"].float()
+    assert torch.equal(ctx[:, :64], silence[:75].bfloat16().float()) and bool((ctx[:, 64:] == 1).all())
+    torch.manual_seed(0)
+    fp = read_fingerprint(out)
+    assert fp["condition_encoder_digest"] == condition_encoder_digest(load_model(replace(model_config("tiny"),
+                                                                                         path=str(dit))))
+    assert fp["settings"]["sample_rate"] == 4800 and fp["settings"]["dtype"] == "bfloat16"
+    assert all(fp[k] for k in ("vae_digest", "text_encoder_digest", "tokenizer_digest"))
+
+    validate = subprocess.run([sys.executable, "-m", "acestep_ft.data.validate", "--dataset-dir", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert validate.returncode == 0, validate.stdout[-2000:] + validate.stderr[-2000:]
+    train = subprocess.run([sys.executable, "train.py", "dataset=preprocessed", f"dataset.path={out}", "model=tiny",
+                            f"model.path={dit}", "hardware=cpu", "train.max_steps=3", "train.plot=false",
+                            f"hydra.run.dir={tmp_path / 'train'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert f"data fingerprint of {out}: matches the model" in train.stdout
+
+
+def config(songs: Path, out: Path, **kw) -> PreprocessConfig:
+    return PreprocessConfig(input_dir=str(songs), output_dir=str(out), chunk_seconds=1.6, overlap_seconds=0.4,
+                            max_seconds=3.0, **kw)
+
+
+def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupted_one(tree, tmp_path, monkeypatch):
+    dit, songs = tree
+    model = replace(model_config("tiny"), path=str(dit))
+    hw = HardwareConfig(device="cpu", mixed_precision="no")
+    loaded = Encoders.load(model, config(songs, tmp_path / "x"), hw)  # load once; every run below reuses it
+    calls: list[str] = []
+    real_encode = Encoders.encode
+
+    def counting(self, clip, song, key):
+        calls.append(key)
+        if key == interrupt_at:
+            raise KeyboardInterrupt  # a kill between two songs
+        return real_encode(self, clip, song, key)
+
+    monkeypatch.setattr(Encoders, "encode", counting)
+    reference = tmp_path / "reference"
+    interrupt_at = None
+    assert pipeline.preprocess(config(songs, reference), model, hw, progress=False, load=lambda *a: loaded).ok
+
+    out = tmp_path / "out"
+    calls.clear()
+    interrupt_at = "c_surround.wav"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
+    assert calls == ["a_mono.wav", "album/b_stereo.flac", "c_surround.wav"]
+    assert not (out / "index.jsonl").exists() and len(list((out / ".work" / "songs").glob("*.json"))) == 2
+
+    with pytest.raises(SystemExit, match="other weights or settings"):  # other settings: refused, with the fix
+        pipeline.preprocess(config(songs, out, seed=1), model, hw, progress=False, load=lambda *a: loaded)
+
+    calls.clear()
+    interrupt_at = None
+    summary = pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
+    assert calls == ["c_surround.wav", "d.mp3", "e_long.wav"]
+    assert summary.resumed == ["a_mono.wav", "album/b_stereo.flac"] and len(summary.encoded) == 3
+    assert sorted(summary.skipped) == ["f_corrupt.wav", "g_uncaptioned.wav"]
+    ref, got = read_all(reference), read_all(out)
+    assert list(ref) == list(got)
+    for key, (tensors, meta) in ref.items():
+        assert meta == got[key][1]
+        for name, t in tensors.items():
+            if name != "key":
+                assert torch.equal(t, got[key][0][name]), (key, name)
+    assert read_fingerprint(reference) == read_fingerprint(out)
+    with pytest.raises(SystemExit, match="already holds a finished dataset"):
+        pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
+
+
+def test_nothing_processable_exits_1_and_missing_model_path_is_refused(tree, tmp_path):
+    dit, songs = tree
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(songs / "f_corrupt.wav", bad / "x.wav")
+    (bad / "x.txt").write_text("noise")
+    proc = run_script("model=tiny", f"model.path={dit}", "hardware=cpu", f"preprocess.input_dir={bad}",
+                      f"preprocess.output_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 1 and "skipped x.wav: unreadable" in proc.stdout and "no dataset written" in proc.stdout
+    proc = run_script("model=tiny", "hardware=cpu", f"preprocess.input_dir={songs}",
+                      f"preprocess.output_dir={tmp_path / 'o2'}", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert proc.returncode == 1 and "model.path is required" in proc.stderr
