@@ -1,7 +1,7 @@
 """Preprocessing end to end with tiny random encoders of the real classes: audio folder -> v3 -> validate -> train.
 
 The fixtures build an official-layout checkpoint tree: `dit/` (our tiny ACE-Step via save_full_model), `vae/` (a
-diffusers AutoencoderOobleck: 25 latent frames/s x 64 channels like the real one, but at 4.8 kHz with hop 192 and
+diffusers AutoencoderOobleck: 25 latent frames/s x 64 channels like the real one, but at 2.4 kHz with hop 96 and
 128-wide layers, so that a CPU encodes seconds of audio in well under a second) and `Qwen3-Embedding-0.6B/` (a
 2-layer transformers Qwen3Model of the tiny model's text width + a WordLevel tokenizer built with `tokenizers`).
 """
@@ -41,9 +41,9 @@ def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderOobleck
 
     torch.manual_seed(seed)
-    return AutoencoderOobleck(encoder_hidden_size=128, downsampling_ratios=[2, 4, 4, 6], channel_multiples=[1, 1, 1, 1],
+    return AutoencoderOobleck(encoder_hidden_size=128, downsampling_ratios=[2, 4, 4, 3], channel_multiples=[1, 1, 1, 1],
                               decoder_channels=8, decoder_input_channels=64, audio_channels=2,
-                              sampling_rate=4800).eval()
+                              sampling_rate=2400).eval()
 
 
 def tiny_text_encoder(directory: Path, hidden: int, seed: int = 0) -> None:
@@ -123,7 +123,7 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
     dit, songs = tree
     out = tmp_path / "out"
     proc = run_script("model=tiny", f"model.path={dit}", "hardware=cpu", f"preprocess.input_dir={songs}",
-                      f"preprocess.output_dir={out}", "preprocess.chunk_seconds=1.6", "preprocess.overlap_seconds=0.4",
+                      f"preprocess.output_dir={out}", "preprocess.chunk_seconds=2.0", "preprocess.overlap_seconds=0.4",
                       "preprocess.max_seconds=3.0", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 songs in the dataset" in proc.stdout and "2 skipped" in proc.stdout
@@ -145,7 +145,7 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
     fp = read_fingerprint(out)
     assert fp["condition_encoder_digest"] == condition_encoder_digest(load_model(replace(model_config("tiny"),
                                                                                          path=str(dit))))
-    assert fp["settings"]["sample_rate"] == 4800 and fp["settings"]["dtype"] == "bfloat16"
+    assert fp["settings"]["sample_rate"] == 2400 and fp["settings"]["dtype"] == "bfloat16"
     assert all(fp[k] for k in ("vae_digest", "text_encoder_digest", "tokenizer_digest"))
 
     validate = subprocess.run([sys.executable, "-m", "acestep_ft.data.validate", "--dataset-dir", str(out)],
@@ -160,7 +160,7 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
 
 
 def config(songs: Path, out: Path, **kw) -> PreprocessConfig:
-    return PreprocessConfig(input_dir=str(songs), output_dir=str(out), chunk_seconds=1.6, overlap_seconds=0.4,
+    return PreprocessConfig(input_dir=str(songs), output_dir=str(out), chunk_seconds=2.0, overlap_seconds=0.4,
                             max_seconds=3.0, **kw)
 
 
@@ -212,7 +212,7 @@ def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupt
         pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
 
 
-def test_nothing_processable_exits_1_and_missing_model_path_is_refused(tree, tmp_path):
+def test_nothing_processable_exits_1(tree, tmp_path):
     dit, songs = tree
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -221,6 +221,3 @@ def test_nothing_processable_exits_1_and_missing_model_path_is_refused(tree, tmp
     proc = run_script("model=tiny", f"model.path={dit}", "hardware=cpu", f"preprocess.input_dir={bad}",
                       f"preprocess.output_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1 and "skipped x.wav: unreadable" in proc.stdout and "no dataset written" in proc.stdout
-    proc = run_script("model=tiny", "hardware=cpu", f"preprocess.input_dir={songs}",
-                      f"preprocess.output_dir={tmp_path / 'o2'}", f"hydra.run.dir={tmp_path / 'run2'}")
-    assert proc.returncode == 1 and "model.path is required" in proc.stderr

@@ -164,21 +164,26 @@ class Encoders:
         on_cpu, precision = resolve_hardware(hw, cuda, cuda and torch.cuda.is_bf16_supported())
         device = torch.device("cpu" if on_cpu else "cuda")
         dtype = COMPUTE[precision]
-        vae = AutoencoderOobleck.from_pretrained(str(vae_dir)).to(device=device, dtype=dtype).eval()
+        # Digests are taken from the weights as stored (loaded in float32 on the CPU), before the cast to the
+        # compute dtype, so a bf16 CUDA run and an fp32 CPU run write the same fingerprint, and the condition-encoder
+        # digest equals the one training computes from its float32 load.
+        vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
         check_vae(vae, vae_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
-        text_model = AutoModel.from_pretrained(str(text_dir), dtype=dtype).to(device).eval()
+        text_model = AutoModel.from_pretrained(str(text_dir), dtype=torch.float32).eval()
         width = text_model.get_input_embeddings().weight.shape[1]
         if width != model_cfg.text_hidden_dim:
             raise SystemExit(f"{text_dir}: hidden size {width}, but model.text_hidden_dim={model_cfg.text_hidden_dim} "
                              "(the condition encoder's input). Fix: the text encoder of this checkpoint family.")
-        model = load_model(model_cfg, device=device, dtype=dtype).eval()
+        model = load_model(model_cfg, device="cpu", dtype=torch.float32)
         silence, silence_label = load_silence(dit, model_cfg.variant)
         digests = {"condition_encoder": condition_encoder_digest(model), "vae": tensor_digest(vae.state_dict()),
                    "text_encoder": tensor_digest(text_model.state_dict()), "tokenizer": tokenizer_digest(tokenizer),
-                   "silence_latent": silence_label, "variant": model_cfg.variant, "compute_dtype": str(dtype)[6:],
-                   "device": device.type}
-        return cls(vae, text_model, tokenizer, model.encoder, silence, digests, pre, device, dtype)
+                   "silence_latent": silence_label, "variant": model_cfg.variant, "compute_dtype": str(dtype)[6:]}
+        condition_encoder = model.encoder.to(device=device, dtype=dtype).eval()
+        del model  # the decoder is not needed
+        vae, text_model = vae.to(device=device, dtype=dtype), text_model.to(device=device, dtype=dtype)
+        return cls(vae, text_model, tokenizer, condition_encoder, silence, digests, pre, device, dtype)
 
     def fingerprint(self, settings: dict) -> dict:
         d = self.digests
