@@ -221,3 +221,4 @@ def test_nothing_processable_exits_1(tree, tmp_path):
     proc = run_script("model=tiny", f"model.path={dit}", "hardware=cpu", f"preprocess.input_dir={bad}",
                       f"preprocess.output_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1 and "skipped x.wav: unreadable" in proc.stdout and "no dataset written" in proc.stdout
+    assert not (tmp_path / "o").exists()

@@ -224,6 +224,10 @@ def preprocess(pre: PreprocessConfig, model_cfg: Any, hw: HardwareConfig, progre
         publish(pack, out)
         shutil.rmtree(work)
         summary.num_shards, summary.file_bytes = written.num_shards, written.file_bytes
+    elif not any((work / "songs").iterdir()):  # nothing to resume: leave no trace that would pin the settings
+        shutil.rmtree(work)
+        if not any(out.iterdir()):
+            out.rmdir()
     summary.seconds = time.perf_counter() - start
     return summary
 
