@@ -393,9 +393,9 @@ class EarlyStopConfig:
     """Stop when the validation loss stops improving."""
 
     patience: int = 0
-    """Evaluations without an improvement of at least min_delta before stopping; 0 = never stop early."""
+    """Evaluations without an improvement of more than min_delta before stopping; 0 = never stop early."""
     min_delta: float = 0.0
-    """Smallest decrease of the validation loss that counts as an improvement."""
+    """A decrease of the validation loss must exceed this to count as an improvement."""
 
 
 @dataclass
@@ -427,9 +427,11 @@ class TrainConfig:
     save_every: int = 50
     """Write a checkpoint every N optimizer steps (and always at the end)."""
     keep_last: int = 2
-    """Checkpoints kept in the run directory (older ones are deleted; the best by validation loss is also kept)."""
+    """Checkpoints kept in the run directory (older ones are deleted; the best by validation loss is also kept);
+    0 = keep all."""
     val_every: int = 0
-    """Validate every N optimizer steps (and at the end); 0 = once per epoch. Needs a validation split."""
+    """Validate every N optimizer steps (and at the end); 0 = once per epoch (= batches per epoch // grad_accum
+    optimizer steps). Needs a validation split."""
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     export_dtype: ExportDtype = ExportDtype.float32

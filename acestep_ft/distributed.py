@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor, nn
 
-from acestep_ft.config import Distributed, HardwareConfig
+from acestep_ft.config import Config, Distributed, HardwareConfig
 
 WRAP_CLASSES = ["DiTLayer"]  # FSDP shard groups: one per DiT layer (acestep_ft/model/decoder.py), the root the rest
 DEEPSPEED_PIP = 'pip install "deepspeed>=0.19"'  # or the project extra: pip install -e ".[deepspeed]"
@@ -103,6 +103,33 @@ def accelerator_kwargs(hw: HardwareConfig, on_cpu: bool, grad_clip: float, grad_
         # our optimizer (AdamW, 8-bit AdamW...) runs on the offloaded partition instead of DeepSpeedCPUAdam
         plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
     return {"deepspeed_plugin": plugin}
+
+
+def strategy_problems(cfg: Config, on_cpu: bool) -> List[str]:
+    """hardware.distributed settings that cannot work, and features not available under a strategy, each with its
+    fix (reported by the config check before anything loads, and used to filter the memory gate's rewrites)."""
+    problems = []
+    hw = cfg.hardware
+    try:
+        accelerator_kwargs(hw, on_cpu, cfg.optim.grad_clip, cfg.train.grad_accum)
+    except (ValueError, ImportError) as err:
+        problems.append(str(err))
+    fsdp = hw.distributed == Distributed.fsdp
+    sharded_weights = fsdp or (hw.distributed == Distributed.deepspeed and hw.zero_stage == 3)
+    if cfg.train.ema.enabled and sharded_weights:
+        problems.append("train.ema.enabled with sharded weights (hardware.distributed=fsdp, or deepspeed with "
+                        "zero_stage=3) is not supported yet: use zero_stage 1/2, ddp, or train.ema.enabled=false.")
+    unfreeze = bool(getattr(cfg.mode, "unfreeze", None))
+    if unfreeze and hw.distributed != Distributed.ddp:
+        problems.append(f"mode.unfreeze with hardware.distributed={hw.distributed} is not supported (held-back weights "
+                        "have no optimizer state, which sharded optimizer checkpoints cannot restore exactly): use "
+                        "ddp.")
+    target = str(dict(cfg.optim.optimizer).get("_target_", ""))
+    if fsdp and target.startswith("bitsandbytes."):
+        problems.append(f"optim.optimizer {target} with hardware.distributed=fsdp: bitsandbytes optimizers do not "
+                        "step FSDP2's sharded (DTensor) weights; use torch.optim.AdamW (fused=true) with fsdp, or "
+                        "deepspeed with the 8-bit optimizer.")
+    return problems
 
 
 def deepspeed_installed() -> bool:

@@ -1,7 +1,8 @@
 """train(cfg): the only place that wires config, data, model, trainable set, optimizer, resume and loop together.
 
-Order: checks that need no weights -> accelerator + seed -> model -> trainable set -> data -> optimizer ->
-resume -> loop -> final save and loss plot.
+Order: checks that need no weights -> memory preflight (may rewrite the config) -> accelerator + seed -> model ->
+trainable set -> data (train / validation split) -> optimizer -> resume -> loop (validation, samples, checkpoints)
+-> replica check, export, loss plot.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -30,11 +31,12 @@ from acestep_ft.config import (
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.distributed import (
     accelerator_kwargs, broadcast_module_, full_state_dict, load_optimizer_state_dict, optimizer_state_dict,
+    strategy_problems,
 )
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
-from acestep_ft.data.sampler import LengthBucketSampler
+from acestep_ft.data.sampler import sampler_for
 from acestep_ft.data.prefetch import Prefetcher
-from acestep_ft.data.dataset import SampleSource, resolve_cache_policy, split_train_val
+from acestep_ft.data.dataset import SampleSource, SubsetSource, resolve_cache_policy, split_train_val
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.model import load_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
@@ -116,24 +118,6 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     return resume_from
 
 
-def strategy_problems(cfg: Config, on_cpu: bool) -> List[str]:
-    """hardware.distributed settings that cannot work, or features not available under a sharded strategy."""
-    problems = []
-    try:
-        accelerator_kwargs(cfg.hardware, on_cpu, cfg.optim.grad_clip, cfg.train.grad_accum)
-    except (ValueError, ImportError) as err:
-        problems.append(str(err))
-    sharded_weights = cfg.hardware.distributed == Distributed.fsdp or (
-        cfg.hardware.distributed == Distributed.deepspeed and cfg.hardware.zero_stage == 3)
-    if cfg.train.ema.enabled and sharded_weights:
-        problems.append("train.ema.enabled with sharded weights (hardware.distributed=fsdp, or deepspeed with "
-                        "zero_stage=3) is not supported yet: use zero_stage 1/2, ddp, or train.ema.enabled=false.")
-    if cfg.hardware.distributed == Distributed.deepspeed and isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
-        problems.append("mode.unfreeze with hardware.distributed=deepspeed is not supported (DeepSpeed steps inside "
-                        "backward, before held-back gradients can be dropped): use ddp or fsdp.")
-    return problems
-
-
 def validation_problems(cfg: Config) -> List[str]:
     """Validation split, early stopping and sampling settings that cannot work, each with its fix."""
     problems = []
@@ -145,9 +129,11 @@ def validation_problems(cfg: Config) -> List[str]:
     if val_path is not None and not Path(os.path.expanduser(val_path)).exists():
         problems.append(f"dataset.val_path={val_path} does not exist.")
     has_val = val_path is not None or cfg.dataset.val_fraction > 0
-    if cfg.train.early_stop.patience > 0 and not has_val:
-        problems.append("train.early_stop.patience needs a validation split: set dataset.val_fraction (e.g. 0.1) or "
-                        "dataset.val_path.")
+    for knob, value in (("train.early_stop.patience", cfg.train.early_stop.patience),
+                        ("train.val_every", cfg.train.val_every)):
+        if value > 0 and not has_val:
+            problems.append(f"{knob} needs a validation split: set dataset.val_fraction (e.g. 0.1) or "
+                            "dataset.val_path.")
     if cfg.train.val_every < 0 or cfg.train.early_stop.patience < 0 or cfg.train.samples.every_epochs < 0:
         problems.append("train.val_every, train.early_stop.patience and train.samples.every_epochs must be >= 0.")
     if cfg.train.samples.every_epochs and (cfg.train.samples.num < 1 or cfg.train.samples.steps < 1):
@@ -167,20 +153,23 @@ def data_fingerprint_digest(cfg: Config) -> Optional[str]:
 
 def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
     """Refuse data preprocessed with another model or condition encoder (dataset.allow_fingerprint_mismatch=true
-    overrides). Legacy .pt data has no fingerprint: say that it cannot be checked."""
+    overrides), for the training directory and dataset.val_path. Legacy .pt data has no fingerprint: say that it
+    cannot be checked."""
     if not isinstance(cfg.dataset, PreprocessedDataset):
         return
-    data_fp = read_fingerprint(cfg.dataset.path)
-    if data_fp is None:
-        say("data fingerprint: none (legacy .pt data); which condition encoder produced it cannot be checked")
-        return
     ours = make_fingerprint(cfg.model.variant, condition_encoder_digest(model), None, None, None, {})
-    problems = compare_fingerprints(data_fp, ours)
-    if problems and not cfg.dataset.allow_fingerprint_mismatch:
-        raise SystemExit(f"The data in {cfg.dataset.path} was not made for this model:\n  " + "\n  ".join(problems)
-                         + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")
-    say("data fingerprint: " + ("MISMATCH accepted (dataset.allow_fingerprint_mismatch=true):\n  "
-                                + "\n  ".join(problems) if problems else "matches the model"))
+    for path in [cfg.dataset.path] + ([cfg.dataset.val_path] if cfg.dataset.val_path else []):
+        data_fp = read_fingerprint(path)
+        if data_fp is None:
+            say(f"data fingerprint of {path}: none (legacy .pt data); which condition encoder produced it cannot be "
+                "checked")
+            continue
+        problems = compare_fingerprints(data_fp, ours)
+        if problems and not cfg.dataset.allow_fingerprint_mismatch:
+            raise SystemExit(f"The data in {path} was not made for this model:\n  " + "\n  ".join(problems)
+                             + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")
+        say(f"data fingerprint of {path}: " + ("MISMATCH accepted (dataset.allow_fingerprint_mismatch=true):\n  "
+                                              + "\n  ".join(problems) if problems else "matches the model"))
 
 
 def build_sources(cfg: Config, encoder_width: int, say) -> Tuple[SampleSource, Optional[SampleSource]]:
@@ -206,11 +195,7 @@ def build_sources(cfg: Config, encoder_width: int, say) -> Tuple[SampleSource, O
 def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> BatchStream:
     """Length-bucketed sampler for this rank over `source` -> cropping, collating stream."""
     max_frames = seconds_to_frames(cfg.dataset.max_seconds)
-    sampler = LengthBucketSampler(
-        capped_lengths(source.lengths, max_frames), cfg.hardware.batch_size, seed=cfg.train.seed,
-        shuffle=cfg.dataset.shuffle, bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
-        max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
-        rank=acc.process_index, world_size=acc.num_processes)
+    sampler = sampler_for(cfg, capped_lengths(source.lengths, max_frames), acc.process_index, acc.num_processes)
     pads = sampler.padding_stats()
     say(f"data: {len(source)} samples ({cfg.dataset.kind}), {sampler.batches_per_epoch} batches per epoch per "
         f"process, padding {100 * pads['pad_fraction']:.1f}% of frames (random batches: "
@@ -226,6 +211,42 @@ def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     return flat
 
 
+def gathered_weights(acc: Accelerator, decoder: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """Collective. The decoder's full weights gathered on the main process when a strategy shards or wraps them
+    (FSDP, DeepSpeed); None otherwise: the live module is read directly (no host copy of frozen base weights)."""
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return full_state_dict(acc, decoder)
+    return None
+
+
+def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Module, ema: Optional[Ema],
+               run_dir: Path, losses: List[float], start_step: int, finished: bool) -> None:
+    """After the loop: the DDP replica check, the export (only when the run reached max_steps or stopped early,
+    not at a train.stop_at_step pause), the loss plot and the summary line."""
+    if acc.num_processes > 1 and cfg.hardware.distributed == Distributed.ddp:
+        digests = gather_object([replica_digest(acc.unwrap_model(decoder))])
+        acc.print(f"replicas: the trained weights {'agree' if len(set(digests)) == 1 else 'DIFFER'} on all "
+                  f"{acc.num_processes} processes" + ("" if len(set(digests)) == 1 else f" {digests}"))
+    if finished:
+        weights = gathered_weights(acc, decoder)  # collective
+        if acc.is_main_process:
+            dtype = getattr(torch, str(cfg.train.export_dtype))
+            use_ema = ema is not None and cfg.train.ema.for_export
+            if use_ema:  # same names: both come from the unwrapped decoder
+                weights = {**(weights or {}), **{n: t.cpu() for n, t in ema.shadow.items()}}
+            exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype, weights)
+            acc.print(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''}; the best "
+                      "validated weights, when there is a split, are named in checkpoints/best.json)")
+        acc.wait_for_everyone()
+    if acc.is_main_process and cfg.train.plot:
+        plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
+    if losses:
+        k = max(1, len(losses) // 10)  # single steps are noisy: compare the means of the first and last tenth
+        acc.print(f"{'done' if finished else 'paused'}: step {start_step + len(losses)}, loss "
+                  f"{sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f} (mean of the first / last {k} steps); "
+                  f"run directory {run_dir.resolve()}")
+
+
 @torch.no_grad()
 def replica_digest(module: nn.Module) -> Tuple[float, float]:
     """(sum, sum of squares) of the trained weights in float64: equal on every process while DDP replicas agree."""
@@ -239,8 +260,9 @@ def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_
     <run>/samples/step-N.safetensors (main process); returns their metrics. Every process runs the sampler, so
     sharded models see every collective."""
     spec = cfg.train.samples
-    val = ValidationSet(source, spec.num, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed)
-    batch, lengths = val.batch(range(min(spec.num, len(source))))
+    first = SubsetSource(source, range(min(spec.num, len(source))))
+    batch, lengths = ValidationSet(first, spec.num, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed).batch(
+        range(len(first)))
     batch = batch.to(acc.device).float()
     noise = fixed_noise(batch.keys, lengths, cfg.train.seed, "sample").to(acc.device)
     was_training = decoder.training
@@ -279,12 +301,14 @@ def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]]
         cfg = verdict.cfg
     try:
         losses = _train(cfg, run_dir, choices or {}, resume_from)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as err:
+        said = {True: "although the memory preflight estimated that it fits", False: "as the memory preflight "
+                "predicted (preflight.policy=warn)", None: "(the memory preflight had no budget to check)"}
         raise SystemExit(
-            "CUDA out of memory although the preflight estimated it fits:\n" + verdict.report()
+            f"CUDA out of memory {said[verdict.fits]}: {err}\n" + verdict.report()
             + "\nCheckpoints already in the run directory are complete (written atomically). Lower the memory: "
             "preflight.overhead_gb higher (then the gate rewrites or refuses earlier), hardware.gradient_checkpointing"
-            "=1, a smaller hardware.batch_size with more train.grad_accum, or optim=adamw8bit.") from None
+            "=1, a smaller hardware.batch_size with more train.grad_accum, or optim=adamw8bit.") from err
     # Tear down in order on every process: _train's DDP wrapper and optimizer are freed by now, then all ranks meet
     # and drop the process group together. A gloo rank whose peer already exited can hang in the destructor.
     gc.collect()
@@ -372,7 +396,7 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     def save(step: int) -> None:
         # collectives first: every process contributes its RNG, its shard of the weights and optimizer state
         rngs = gather_object([capture_rng(acc.device)])
-        weights = full_state_dict(acc, decoder)
+        weights = gathered_weights(acc, decoder)
         optimizer_state = optimizer_state_dict(acc, decoder, optimizer)
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(decoder)
@@ -424,23 +448,6 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     finally:
         prefetcher.close()
         sink.close()
-    if acc.num_processes > 1 and cfg.hardware.distributed == Distributed.ddp:
-        digests = gather_object([replica_digest(acc.unwrap_model(decoder))])
-        print0(f"replicas: the trained weights {'agree' if len(set(digests)) == 1 else 'DIFFER'} on all "
-               f"{acc.num_processes} processes" + ("" if len(set(digests)) == 1 else f" {digests}"))
-    weights = full_state_dict(acc, decoder)  # collective
-    if acc.is_main_process:
-        dtype = getattr(torch, str(cfg.train.export_dtype))
-        use_ema = ema is not None and cfg.train.ema.for_export
-        if use_ema:
-            weights.update({n: t.cpu() for n, t in ema.shadow.items()})  # same names: both from the unwrapped decoder
-        exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype, weights)
-        print0(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''})")
-    acc.wait_for_everyone()
-    if acc.is_main_process and cfg.train.plot:
-        plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
-    if losses:
-        k = max(1, len(losses) // 10)  # single steps are noisy: compare the means of the first and last tenth
-        print0(f"done: step {start_step + len(losses)}, loss {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f} "
-               f"(mean of the first / last {k} steps); run directory {run_dir.resolve()}")
+    finished = bool(losses) and (start_step + len(losses) == cfg.train.max_steps or early_stop.should_stop)
+    finish_run(cfg, acc, model, decoder, ema, run_dir, losses, start_step, finished)
     return losses

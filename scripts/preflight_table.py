@@ -3,8 +3,9 @@
     python scripts/preflight_table.py                     # 240 s clips, 1,024 condition tokens
     python scripts/preflight_table.py --seconds 120 --cond 512
 
-Every cell is the gate's verdict for the preset as shipped: the estimate (GiB, incl. the reserve) and either
-"fits", the changes a rewrite makes to fit (preflight.policy=rewrite; for full mode with the opt-in), or "no".
+Every cell is the gate's verdict for the preset as shipped: the estimate (GiB, before the preflight.overhead_gb
+reserve) and either "fits", the changes a rewrite makes to fit (preflight.policy=rewrite; for full mode with the
+opt-in), or "no".
 Needs no GPU and no weights.
 """
 

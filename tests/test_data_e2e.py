@@ -75,7 +75,7 @@ def test_training_on_v3_and_pt_gives_the_same_losses_and_the_fingerprint_gates(t
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses[name] = [json.loads(line)["train/loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
     assert losses["pt"] == losses["v3"] and len(losses["v3"]) == 4
-    assert "data fingerprint: matches the model" in run_train(
+    assert "matches the model" in run_train(
         tmp_path / "again", *common, f"dataset.path={v3}", "train.max_steps=1").stdout
 
     _, other = make_datasets(tmp_path / "other", fingerprint=make_fingerprint("turbo", "0123456789abcdef", None,

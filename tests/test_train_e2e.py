@@ -56,10 +56,11 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
               "hardware.batch_size=2", "train.grad_accum=2", "train.plot=false", "train.ema.enabled=true"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_train(whole, *common)
-    run_train(parts, *common, "train.stop_at_step=3")  # stops off the save grid: the stop itself saves
+    proc = run_train(parts, *common, "train.stop_at_step=3")  # stops off the save grid: the stop itself saves
     assert [p.name for p in sorted((parts / "checkpoints").iterdir())] == ["step-00000003"]
+    assert not (parts / "export").exists() and "paused: step 3" in proc.stdout  # a pause is not a result
     proc = run_train(parts, *common, "train.resume=auto")
-    assert "resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout and (parts / "export").is_dir()
     assert losses(parts) == losses(whole)  # exact, not approximate
     assert len(losses(whole)) == 8
     final = [torch.load(d / "checkpoints" / "step-00000008" / "training_state.pt", weights_only=False)["ema"]

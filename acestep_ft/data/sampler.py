@@ -119,6 +119,13 @@ class LengthBucketSampler:
         self._position = 0
         self._batches: Optional[list[list[int]]] = None  # this rank's batches of self._epoch, built lazily
 
+    def bucket_capacities(self) -> dict[int, int]:
+        """Bucket -> clips per micro-batch in it (the most; a bucket's last batch may hold fewer)."""
+        longest: dict[int, int] = {}
+        for bucket, t in zip(self._bucket_of, self.lengths):
+            longest[bucket] = max(longest.get(bucket, 0), t)
+        return {bucket: self._bucket_capacity(t) for bucket, t in sorted(longest.items())}
+
     def _bucket_capacity(self, longest: int) -> int:
         if not self.max_frames_per_batch or longest == 0:
             return self.batch_size
@@ -308,3 +315,14 @@ class EpochBatchSampler(LengthBucketSampler):
     ) -> None:
         super().__init__([1] * max(0, num_samples), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                          rank=rank, world_size=world_size)
+
+
+def sampler_for(cfg: Any, lengths: Sequence[int], rank: int = 0, world_size: int = 1) -> LengthBucketSampler:
+    """The run's sampler for a typed root config (`acestep_ft.config.Config`) over capped `lengths`."""
+    from acestep_ft.data.crop import seconds_to_frames
+
+    return LengthBucketSampler(
+        lengths, cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
+        bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
+        max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
+        rank=rank, world_size=world_size)

@@ -7,7 +7,8 @@
 The overrides are the training command's (`train.py` composes the same `conf/`). Model weights are never read: a
 real variant needs no `model.path` here. Synthetic data stands in for a dataset unless `dataset=preprocessed
 dataset.path=...` is given (its lengths come from the index or file headers); `dataset.max_frames` sets the
-longest generated clip for a what-if. Exit status: 0 fits (or no budget to check), 1 refused, 2 usage error.
+longest generated clip for a what-if. Exit status: 0 = the run would start (fits, no budget to check, or
+preflight.policy=warn), 1 = refused or the data could not be read, 2 = usage error.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     parser.add_argument("--world-size", type=int, default=1, help="processes the run will use (default 1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may stand between the overrides
     register_configs()
     if not CONF.is_dir():
         print(f"config directory {CONF} not found: run from a source checkout of acestep-ft", file=sys.stderr)
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         except MissingMandatoryValue as err:
             print(f"Config: {err.full_key} is required; add {err.full_key}=...", file=sys.stderr)
             return 2
-    shape = data_shape(cfg)
+    try:
+        shape = data_shape(cfg)
+    except (OSError, ValueError) as err:
+        print(f"cannot read the dataset's lengths: {err}", file=sys.stderr)
+        return 1
     print(f"model {cfg.model.variant}, mode={cfg.mode.name}, {args.world_size} process(es), data: {shape.where} "
           f"(longest clip {max(shape.lengths)} frames = {max(shape.lengths) / 25:.1f} s, condition "
           f"{shape.max_cond_len} tokens)")

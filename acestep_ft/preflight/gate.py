@@ -39,7 +39,9 @@ from acestep_ft.config import (
     SyntheticDataset, flatten, resolve_hardware,
 )
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
-from acestep_ft.data.sampler import LengthBucketSampler
+from acestep_ft.data.sampler import sampler_for
+from acestep_ft.distributed import strategy_problems
+from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.preflight.estimate import MemoryEstimate, estimate_memory
 
 GIB = 2**30
@@ -74,14 +76,18 @@ def data_shape(cfg: Config) -> DataShape:
 def worst_batches(cfg: Config, shape: DataShape, world_size: int) -> List[Tuple[int, int]]:
     """(batch, padded frames) candidates for the peak: the batch with the most padded frames and the batch holding
     the longest clip, as the sampler builds them for this config."""
-    sampler = LengthBucketSampler(
-        shape.lengths, cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
-        bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
-        max_frames_per_batch=cfg.hardware.max_frames_per_batch, world_size=world_size)
-    batches = [(len(b), max(shape.lengths[i] for i in b)) for b in sampler.global_batches(0)]
+    batches = [(len(b), max(shape.lengths[i] for i in b))
+               for b in sampler_for(cfg, shape.lengths, 0, world_size).global_batches(0)]
     most = max(batches, key=lambda bt: bt[0] * bt[1])
     longest = max(batches, key=lambda bt: (bt[1], bt[0]))
     return sorted({most, longest})
+
+
+def samples_per_step(cfg: Config, shape: DataShape) -> dict:
+    """Length bucket -> clips per optimizer step per process (micro-batch capacity x accumulation): what a
+    rewrite must keep."""
+    caps = sampler_for(cfg, shape.lengths).bucket_capacities()
+    return {bucket: cap * cfg.train.grad_accum for bucket, cap in caps.items()}
 
 
 def device_budget(cfg: Config) -> Optional[int]:
@@ -145,15 +151,18 @@ def _changed(cfg: Config, edit: Callable[[Config], None]) -> Config:
 
 
 def _checkpointing_steps(cfg: Config) -> Iterator[Config]:
-    """More recomputation than now: ratios 0.25, 0.5, then every layer (from every N-th, only every layer)."""
-    now = cfg.hardware.gradient_checkpointing
+    """Settings that recompute more layers than now: ratios 0.25, 0.5, then every layer."""
+    layers = cfg.model.num_hidden_layers
+    now = len(checkpointed_layers(cfg.hardware.gradient_checkpointing, layers))
     for ratio in (0.25, 0.5, 1.0):
-        if (now == 0 or now < ratio < 1 or ratio == 1) and now != 1:
+        if len(checkpointed_layers(ratio, layers)) > now:
             yield _changed(cfg, lambda c, r=ratio: setattr(c.hardware, "gradient_checkpointing", r))
 
 
-def _smaller_batch(cfg: Config) -> Optional[Config]:
-    """Batch divided by its smallest factor, accumulation multiplied by it (same samples per optimizer step)."""
+def _smaller_batch(cfg: Config, shape: DataShape) -> Optional[Config]:
+    """Batch (and frame budget) divided by the batch's smallest factor, accumulation multiplied by it, when every
+    length bucket's micro-batch shrinks by exactly that factor (else the clips per optimizer step would change:
+    a frame budget can cap a bucket below the batch size). None when no such step exists."""
     b = cfg.hardware.batch_size
     if b <= 1:
         return None
@@ -164,38 +173,49 @@ def _smaller_batch(cfg: Config) -> Optional[Config]:
         c.hardware.max_frames_per_batch = cfg.hardware.max_frames_per_batch // factor
         c.train.grad_accum = cfg.train.grad_accum * factor
 
-    return _changed(cfg, edit)
+    smaller = _changed(cfg, edit)
+    return smaller if samples_per_step(smaller, shape) == samples_per_step(cfg, shape) else None
 
 
-def rewrite_candidates(cfg: Config, world_size: int) -> Iterator[Tuple[str, Config]]:
-    """Successively cheaper-on-memory configs in the documented order; each builds on the previous step's
-    strongest setting. Yields (step name, config)."""
+def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterator[Tuple[str, Config]]:
+    """Successively cheaper-on-memory configs in the documented order; each builds on the previous one. Steps the
+    run would refuse (see `strategy_problems`) are left out. Yields (step name, config)."""
+    on_cpu = on_this_machine(cfg).hardware.device == Device.cpu
     current = cfg
-    if cfg.train.ema.enabled and not cfg.train.ema.on_cpu:
-        current = _changed(current, lambda c: setattr(c.train.ema, "on_cpu", True))
-        yield "EMA to host RAM", current
-    for candidate in _checkpointing_steps(current):
+
+    def step(candidate: Optional[Config]) -> bool:
+        nonlocal current
+        if candidate is None or strategy_problems(candidate, on_cpu):
+            return False
         current = candidate
-        yield "gradient checkpointing", current
-    while (smaller := _smaller_batch(current)) is not None:
-        current = smaller
+        return True
+
+    if cfg.train.ema.enabled and not cfg.train.ema.on_cpu:
+        if step(_changed(current, lambda c: setattr(c.train.ema, "on_cpu", True))):
+            yield "EMA to host RAM", current
+    for candidate in _checkpointing_steps(current):
+        if step(candidate):
+            yield "gradient checkpointing", current
+    while step(_smaller_batch(current, shape)):
         yield "smaller micro-batch, more accumulation", current
     target = current.optim.optimizer.get("_target_") if isinstance(current.optim.optimizer, dict) else None
     if target == ADAMW and not current.optim.optimizer.get("fused"):
-        current = _changed(current, lambda c: c.optim.optimizer.update({"fused": True}))
-        yield "fused AdamW", current
+        if step(_changed(current, lambda c: c.optim.optimizer.update({"fused": True}))):
+            yield "fused AdamW", current
+    before_8bit = current
     if target == ADAMW:
-        current = _changed(current, lambda c: c.optim.optimizer.update({"_target_": ADAMW_8BIT}))
-        current.optim.optimizer.pop("fused", None)  # bitsandbytes takes no such argument
-        yield "8-bit optimizer", current
-    on_gpu = cfg.hardware.device == Device.cuda or (cfg.hardware.device == Device.auto and torch.cuda.is_available())
-    if (on_gpu and world_size > 1 and current.hardware.distributed == Distributed.ddp
-            and not current.train.ema.enabled):
-        current = _changed(current, lambda c: setattr(c.hardware, "distributed", Distributed.fsdp))
-        yield "sharding", current
+        eight_bit = _changed(current, lambda c: c.optim.optimizer.update({"_target_": ADAMW_8BIT}))
+        eight_bit.optim.optimizer.pop("fused", None)  # bitsandbytes takes no such argument
+        if step(eight_bit):
+            yield "8-bit optimizer", current
+    if world_size > 1 and current.hardware.distributed == Distributed.ddp:
+        # FSDP2 shards what 8-bit AdamW saves and more, but cannot step bitsandbytes optimizers: shard the config
+        # from before the 8-bit step
+        if step(_changed(before_8bit, lambda c: setattr(c.hardware, "distributed", Distributed.fsdp))):
+            yield "sharding", current
     if current.hardware.distributed != Distributed.ddp and not current.hardware.offload:
-        current = _changed(current, lambda c: setattr(c.hardware, "offload", True))
-        yield "offload", current
+        if step(_changed(current, lambda c: setattr(c.hardware, "offload", True))):
+            yield "offload", current
 
 
 def config_diff(old: Config, new: Config) -> List[Tuple[str, Any, Any]]:
@@ -208,14 +228,10 @@ def format_diff(diff: List[Tuple[str, Any, Any]]) -> List[str]:
     return [f"{key}: {old} -> {new}" for key, old, new in diff]
 
 
-def effective_batch(cfg: Config, world_size: int) -> int:
-    return cfg.hardware.batch_size * cfg.train.grad_accum * world_size
-
-
 def suggestions(cfg: Config, shape: DataShape, world_size: int, room: int) -> List[str]:
     """What would fit within `room` bytes: each rewrite step, LoRA ranks for a full run, a crop length, a GPU size."""
     out = []
-    for name, candidate in rewrite_candidates(cfg, world_size):
+    for name, candidate in rewrite_candidates(cfg, shape, world_size):
         total = estimate_config(candidate, shape, world_size).total
         if total <= room:
             diff = " ".join(f"{key}={new}" for key, _, new in config_diff(cfg, candidate))
@@ -274,10 +290,10 @@ def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -
     if policy == PreflightPolicy.warn:
         return verdict
     if policy == PreflightPolicy.rewrite:
-        for _, candidate in rewrite_candidates(cfg, world_size):
+        for _, candidate in rewrite_candidates(cfg, shape, world_size):
             estimate = estimate_config(candidate, shape, world_size)
             if estimate.total <= room:
-                assert effective_batch(candidate, world_size) == effective_batch(cfg, world_size)
+                assert samples_per_step(candidate, shape) == samples_per_step(cfg, shape)
                 return Verdict(candidate, estimate, budget, overhead, format_diff(config_diff(cfg, candidate)))
         verdict.suggestions.insert(0, "no rewrite in the documented order fits")
     raise SystemExit(verdict.report() + f"\nRefused (preflight.policy={cfg.preflight.policy}): the estimate exceeds "

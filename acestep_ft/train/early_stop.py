@@ -9,8 +9,8 @@ from typing import Any, Dict, Optional
 
 @dataclass
 class EarlyStopping:
-    """Tracks the best validation loss; `should_stop` after `patience` evaluations without an improvement of at
-    least `min_delta` (patience 0 = never)."""
+    """Tracks the best validation loss; `should_stop` after `patience` evaluations without an improvement of more
+    than `min_delta` (patience 0 = never)."""
 
     patience: int = 0
     min_delta: float = 0.0

@@ -72,6 +72,8 @@ def unfreeze_starts(decoder: nn.Module, stages: Sequence[UnfreezeStage], steps_p
             rx = re.compile(stage.pattern)
         except re.error as err:
             raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} is not a valid regex: {err}") from None
+        if stage.at_step < 0 or (stage.at_epoch is not None and stage.at_epoch < 0):
+            raise ValueError(f"mode.unfreeze[{i}]: at_step={stage.at_step} / at_epoch={stage.at_epoch} must be >= 0")
         start = stage.at_step if stage.at_epoch is None else stage.at_epoch * steps_per_epoch
         matched = [n for n, _ in decoder.named_parameters() if rx.search(n)]
         if not matched:

@@ -7,9 +7,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from acestep_ft.config import FullMode, LoraMode, register_configs
+from acestep_ft.config import register_configs
+from acestep_ft.distributed import strategy_problems
 from acestep_ft.preflight.gate import (
-    GIB, config_diff, data_shape, effective_batch, estimate_config, preflight, write_rewrite,
+    GIB, DataShape, config_diff, data_shape, estimate_config, preflight, rewrite_candidates, samples_per_step,
+    write_rewrite,
 )
 from conftest import ROOT
 from test_configs import compose_config
@@ -46,7 +48,7 @@ def test_full_with_the_opt_in_is_rewritten_to_fit_and_keeps_what_trains():
     assert verdict.fits and verdict.changes
     assert any("AdamW8bit" in c for c in verdict.changes)
     assert verdict.cfg.mode == cfg.mode and verdict.cfg.dataset == cfg.dataset
-    assert effective_batch(verdict.cfg, 1) == effective_batch(cfg, 1)
+    assert samples_per_step(verdict.cfg, data_shape(cfg)) == samples_per_step(cfg, data_shape(cfg))
     with pytest.raises(SystemExit, match="Refused"):  # the same without rewrite permission
         preflight(cfg_of("model=acestep15_turbo", "mode=full", "mode.i_understand_vram_risk=true", "hardware=24gb",
                          *LONG), 1)
@@ -62,7 +64,8 @@ def test_lora_is_rewritten_in_the_documented_order_keeping_the_effective_batch()
     assert "hardware.gradient_checkpointing" in changed  # the first step tried
     assert changed <= {"hardware.gradient_checkpointing", "hardware.batch_size", "train.grad_accum",
                        "hardware.max_frames_per_batch", "optim.optimizer.fused", "optim.optimizer._target_"}
-    assert effective_batch(verdict.cfg, 1) == effective_batch(cfg, 1) == 8
+    shape = data_shape(cfg)
+    assert samples_per_step(verdict.cfg, shape) == samples_per_step(cfg, shape) == {k: 8 for k in samples_per_step(cfg, shape)}
     assert verdict.cfg.mode == cfg.mode  # the trained set never changes
 
 
@@ -104,6 +107,9 @@ def test_cli_prints_the_table_and_exits_by_verdict():
     assert refused.returncode == 1 and "DOES NOT FIT" in refused.stdout and "optimizer states" in refused.stdout
     fits = cli("hardware=24gb", "model=acestep15_turbo", *LONG)
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout and "activations" in fits.stdout
+    mixed = cli("mode=full", "hardware=a100", "model=acestep15_turbo", "--world-size", "8", "hardware.distributed=fsdp",
+                "hardware.gradient_checkpointing=1", *LONG)  # options between overrides, as in the README
+    assert mixed.returncode == 0 and "8 process(es)" in mixed.stdout and "sharded / 8" in mixed.stdout
     assert cli("mode.rnak=3").returncode != 0
 
 
@@ -117,5 +123,44 @@ def test_train_applies_a_rewrite_and_records_it(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rewrote the config to fit" in proc.stdout
-    assert "hardware.gradient_checkpointing" in (tmp_path / "preflight" / "diff.txt").read_text()
-    assert isinstance(cfg.mode, LoraMode) and not isinstance(cfg.mode, FullMode)
+    assert "hardware.gradient_checkpointing: 0.0 ->" in (tmp_path / "preflight" / "diff.txt").read_text()
+    trained = OmegaConf.load(tmp_path / "checkpoints" / "step-00000002" / "config.yaml")
+    assert trained.hardware.gradient_checkpointing > 0  # the run trained with the rewritten config
+
+
+def test_rewrite_steps_come_in_the_documented_order():
+    cfg = cfg_of("model=acestep15_turbo", "hardware=a100", "hardware.batch_size=4", "hardware.max_frames_per_batch=0",
+                 "hardware.gradient_checkpointing=0", "train.ema.enabled=true", *LONG)
+    shape = data_shape(cfg)
+    names = [name for name, _ in rewrite_candidates(cfg, shape, 1)]
+    assert names == ["EMA to host RAM"] + ["gradient checkpointing"] * 3 + [
+        "smaller micro-batch, more accumulation"] * 2 + ["fused AdamW", "8-bit optimizer"]
+    plain = cfg_of("model=acestep15_turbo", "mode=full", "hardware=a100", "hardware.gradient_checkpointing=1",
+                   "hardware.batch_size=1", *LONG)
+    steps = dict(rewrite_candidates(plain, shape, 4))
+    assert list(steps) == ["fused AdamW", "8-bit optimizer", "sharding", "offload"]
+    sharded = steps["sharding"]  # FSDP2 cannot step bitsandbytes: sharding starts again from fused torch AdamW
+    assert sharded.hardware.distributed == "fsdp" and sharded.optim.optimizer["_target_"] == "torch.optim.AdamW"
+    assert not strategy_problems(sharded, on_cpu=False)
+
+
+def test_a_frame_budget_that_caps_the_batch_is_not_halved():
+    """24 clips of 7,000 frames, batch 4, budget 24,000: 3 clips per micro-batch. Halving to batch 2 / budget 12,000
+    would give 1 clip x 2 accumulation = 2 per step, not 3: the gate must not offer it."""
+    cfg = cfg_of("model=acestep15_turbo", "hardware=a100", "hardware.gradient_checkpointing=1", "dataset.num_samples=24")
+    shape = DataShape([7000] * 24, 12, "fixed")
+    assert list(samples_per_step(cfg, shape).values()) == [3]
+    assert "smaller micro-batch, more accumulation" not in [n for n, _ in rewrite_candidates(cfg, shape, 1)]
+    even = DataShape([5000] * 24, 12, "fixed")  # 4 clips fit the budget: halving keeps 4 per step
+    halved = dict(rewrite_candidates(cfg, even, 1))["smaller micro-batch, more accumulation"]
+    assert samples_per_step(halved, even) == samples_per_step(cfg, even)
+    assert list(samples_per_step(cfg, even).values()) == [4]
+
+
+def test_strategy_refusals():
+    assert any("bitsandbytes" in p for p in strategy_problems(
+        cfg_of("hardware=a100", "hardware.distributed=fsdp", "optim=adamw8bit"), on_cpu=False))
+    assert any("mode.unfreeze" in p for p in strategy_problems(
+        cfg_of("hardware=a100", "hardware.distributed=fsdp", "mode=full", "mode.unfreeze=[{pattern: layers}]"),
+        on_cpu=False))
+    assert strategy_problems(cfg_of("hardware=a100", "hardware.distributed=fsdp"), on_cpu=False) == []
