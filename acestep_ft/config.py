@@ -410,6 +410,9 @@ class SampleConfig:
     """Euler steps of the flow sampler from t=1 (noise) to t=0."""
     shift: float = 3.0
     """Timestep shift of the sampler schedule (turbo uses 3)."""
+    vae_path: Optional[str] = None
+    """VAE (diffusers AutoencoderOobleck directory) that decodes the sampled latents to audio: samples/step-N/*.wav
+    and the logger. None = <model.path>/../vae when that exists (the official layout), else latents only."""
 
 
 @dataclass

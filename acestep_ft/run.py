@@ -52,6 +52,7 @@ from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
+from acestep_ft.train.sample_audio import decode_latents, file_name, load_sample_vae, vae_dir, vae_rate, wav_bytes
 from acestep_ft.train.trainable import (
     count_parameters, export_trained, held_back, make_trainable, unfreeze_starts, write_trained,
 )
@@ -255,9 +256,11 @@ def replica_digest(module: nn.Module) -> Tuple[float, float]:
 
 
 def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_dir: Path, step: int,
-                     acc: Accelerator) -> Dict[str, float]:
+                     acc: Accelerator, vae: Optional[Any] = None,
+                     log_audio: Optional[Any] = None) -> Dict[str, float]:
     """Latents sampled from fixed noise for the first train.samples.num conditions of `source`, written to
-    <run>/samples/step-N.safetensors (main process); returns their metrics. Every process runs the sampler, so
+    <run>/samples/step-N.safetensors (main process), and with a VAE decoded to <run>/samples/step-N/<key>.wav and
+    passed to `log_audio(step, name, audio, rate)`; returns their metrics. Every process runs the sampler, so
     sharded models see every collective."""
     spec = cfg.train.samples
     first = SubsetSource(source, range(min(spec.num, len(source))))
@@ -278,6 +281,13 @@ def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_
         out = run_dir / "samples" / f"step-{step:08d}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, save_safetensors(tensors, metadata={"format": "pt", "step": str(step)}))
+        for key, latent in tensors.items() if vae is not None else []:
+            audio = decode_latents(vae, latent)
+            wav = run_dir / "samples" / f"step-{step:08d}" / f"{file_name(key)}.wav"
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(wav, wav_bytes(audio, vae_rate(vae)))
+            if log_audio is not None:
+                log_audio(step, f"samples/{file_name(key)}", audio, vae_rate(vae))
     return {"samples/latent_std": float(latents[real].std()),
             "samples/mse_to_target": float(((latents - batch.target_latents)[real] ** 2).mean())}
 
@@ -433,9 +443,16 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
             return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
                                    cfg.model.timestep_sigma)
 
+    sample_vae = None
+    if cfg.train.samples.every_epochs and acc.is_main_process:
+        sample_vae = load_sample_vae(cfg.train.samples, cfg.model.path)
+        print0("samples: " + (f"latents decoded to audio with the VAE in {vae_dir(cfg.train.samples, cfg.model.path)}"
+                              if sample_vae is not None else "latents only (no VAE: set train.samples.vae_path)"))
+
     def generate(step: int) -> Dict[str, float]:
         with evaluation_weights(), acc.autocast():
-            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc)
+            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc, sample_vae,
+                                    sink.log_audio)
 
     sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)

@@ -153,10 +153,25 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
     assert validate.returncode == 0, validate.stdout[-2000:] + validate.stderr[-2000:]
     train = subprocess.run([sys.executable, "train.py", "dataset=preprocessed", f"dataset.path={out}", "model=tiny",
                             f"model.path={dit}", "hardware=cpu", "train.max_steps=3", "train.plot=false",
-                            f"hydra.run.dir={tmp_path / 'train'}"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+                            "hardware.batch_size=2", "train.samples.every_epochs=1", "train.samples.steps=2",
+                            "logger=tensorboard", f"hydra.run.dir={tmp_path / 'train'}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert train.returncode == 0, train.stderr[-3000:]
     assert f"data fingerprint of {out}: matches the model" in train.stdout
+    # samples decoded with the checkpoint's VAE (found beside model.path): one wav per sampled condition
+    assert "latents decoded to audio with the VAE" in train.stdout
+    wavs = sorted((tmp_path / "train" / "samples" / "step-00000003").glob("*.wav"))
+    assert len(wavs) == 2
+    import soundfile
+
+    from safetensors.torch import load_file
+
+    latents = load_file(str(tmp_path / "train" / "samples" / "step-00000003.safetensors"))
+    for wav in wavs:
+        audio, rate = soundfile.read(str(wav))
+        frames = next(v.shape[0] for k, v in latents.items() if wav.stem == k.replace("/", "_"))
+        assert rate == 2400 and audio.shape[1] == 2 and abs(audio.shape[0] - frames * 96) < 96  # T x hop, stereo
+        assert float(abs(audio).max()) > 0
 
 
 def config(songs: Path, out: Path, **kw) -> PreprocessConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.config import LoggerConfig
@@ -70,6 +70,19 @@ class MetricsSink:
         if self._tb is not None:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, value, step)
+
+    def log_audio(self, step: int, name: str, audio: Any, rate: int) -> None:
+        """A [samples, channels] float waveform to wandb / tensorboard (metrics.jsonl holds numbers only)."""
+        if not self.enabled:
+            return
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Audio(audio, sample_rate=rate)}, step=step)
+        if self._tb is not None:
+            import torch
+
+            self._tb.add_audio(name, torch.as_tensor(audio).mean(-1), step, sample_rate=rate)  # mono: tensorboard
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -34,3 +34,20 @@ def test_wandb_group_and_tags_from_choices():
     assert group == "model=tiny,mode=lora"
     assert tags == ["mode=lora", "model=tiny", "optim=adamw", "mine"]
     assert wandb_group_and_tags({}, [])[0] is None
+
+
+def test_audio_reaches_tensorboard_and_sample_names_are_safe(tmp_path):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from acestep_ft.config import LoggerConfig
+    from acestep_ft.train.metrics import MetricsSink
+    from acestep_ft.train.sample_audio import file_name
+
+    sink = MetricsSink(tmp_path, LoggerConfig(backend="tensorboard"), {}, {})
+    sink.log_audio(3, "samples/a", np.zeros((480, 2), dtype=np.float32), 2400)
+    sink.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"audio": 0})
+    events.Reload()
+    assert events.Tags()["audio"] == ["samples/a"] and events.Audio("samples/a")[0].step == 3
+    assert file_name("album/b stereo.flac") == "album_b_stereo.flac" and file_name("../..") == "sample"
