@@ -39,7 +39,7 @@ def cell(overrides: list[str], shape: DataShape) -> str:
     need = estimate_config(cfg, shape, 1).total
     if need <= room:
         return f"fits ({need / GIB:.1f})"
-    for _, candidate in rewrite_candidates(cfg, 1):
+    for _, candidate in rewrite_candidates(cfg, shape, 1):
         total = estimate_config(candidate, shape, 1).total
         if total <= room:
             changes = ", ".join(f"{SHORT.get(k, k)}={new.rsplit('.', 1)[-1] if isinstance(new, str) else new}"

@@ -164,3 +164,14 @@ def test_strategy_refusals():
         cfg_of("hardware=a100", "hardware.distributed=fsdp", "mode=full", "mode.unfreeze=[{pattern: layers}]"),
         on_cpu=False))
     assert strategy_problems(cfg_of("hardware=a100", "hardware.distributed=fsdp"), on_cpu=False) == []
+
+
+def test_fit_table_script_backs_the_readme_claim():
+    proc = subprocess.run([sys.executable, "scripts/preflight_table.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| acestep15")]
+    assert len(rows) == 6
+    readme = (ROOT / "README.md").read_text()
+    assert all(row in readme for row in rows), "README table is stale: rerun scripts/preflight_table.py"
+    assert "| acestep15_turbo | full 8-bit | fits" in proc.stdout  # full 2B on 24 GB with 8-bit AdamW
