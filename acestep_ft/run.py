@@ -14,7 +14,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -210,6 +210,38 @@ def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     flat = flatten(cfg)
     flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
     return flat
+
+
+def evaluation_hooks(cfg: Config, acc: Accelerator, decoder: nn.Module, ema: Optional[Ema],
+                     train_source: SampleSource, val_source: Optional[SampleSource], run_dir: Path,
+                     sink: MetricsSink) -> Tuple[Optional[Callable[[], float]], Optional[Callable[[int], Dict]]]:
+    """(validate, generate) for the loop: the validation loss of the current weights (None without a split) and
+    sample generation at a step (None unless train.samples.every_epochs). Both use the EMA weights when
+    train.ema.for_eval."""
+    def evaluation_weights():
+        return ema.applied() if ema is not None and cfg.train.ema.for_eval else nullcontext()
+
+    val_set = None if val_source is None else ValidationSet(
+        val_source, cfg.hardware.batch_size, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
+        acc.process_index, acc.num_processes)
+    vae = None
+    if cfg.train.samples.every_epochs:
+        vae = load_sample_vae(cfg.train.samples, cfg.model.path) if acc.is_main_process else None
+        where = vae_dir(cfg.train.samples, cfg.model.path)
+        acc.print("samples: " + (f"latents decoded to audio with the VAE in {where}" if vae is not None
+                                 else "latents only (no VAE: set train.samples.vae_path)"))
+
+    def validate() -> float:
+        with evaluation_weights():
+            return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
+                                   cfg.model.timestep_sigma)
+
+    def generate(step: int) -> Dict[str, float]:
+        with evaluation_weights(), acc.autocast():
+            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc, vae,
+                                    sink.log_audio)
+
+    return (validate if val_set is not None else None), (generate if cfg.train.samples.every_epochs else None)
 
 
 def gathered_weights(acc: Accelerator, decoder: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
@@ -430,36 +462,12 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
             tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if best else ""))
         acc.wait_for_everyone()
 
-    def evaluation_weights():
-        """The EMA weights swapped in for evaluation when train.ema.for_eval, else the current ones."""
-        return ema.applied() if ema is not None and cfg.train.ema.for_eval else nullcontext()
-
-    val_set = None if val_source is None else ValidationSet(
-        val_source, cfg.hardware.batch_size, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
-        acc.process_index, acc.num_processes)
-
-    def validate() -> float:
-        with evaluation_weights():
-            return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
-                                   cfg.model.timestep_sigma)
-
-    sample_vae = None
-    if cfg.train.samples.every_epochs and acc.is_main_process:
-        sample_vae = load_sample_vae(cfg.train.samples, cfg.model.path)
-        print0("samples: " + (f"latents decoded to audio with the VAE in {vae_dir(cfg.train.samples, cfg.model.path)}"
-                              if sample_vae is not None else "latents only (no VAE: set train.samples.vae_path)"))
-
-    def generate(step: int) -> Dict[str, float]:
-        with evaluation_weights(), acc.autocast():
-            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc, sample_vae,
-                                    sink.log_audio)
-
     sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
+    validate, generate = evaluation_hooks(cfg, acc, decoder, ema, train_source, val_source, run_dir, sink)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
-                      cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch,
-                      validate if val_set is not None else None,
-                      early_stop, generate if cfg.train.samples.every_epochs else None)
+                      cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch, validate,
+                      early_stop, generate)
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
     finally:
