@@ -308,6 +308,11 @@ class OptimConfig:
     param_groups: List[ParamGroupConfig] = field(default_factory=list)
     """Named groups with LR multipliers; parameters matching none form the group "default" (lr_mult 1)."""
 
+    @property
+    def target(self) -> str:
+        """The optimizer class path, `optimizer._target_` (e.g. torch.optim.AdamW)."""
+        return str(dict(self.optimizer).get("_target_", ""))
+
 
 @dataclass
 class HardwareConfig:

@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor, nn
 
-from acestep_ft.config import Config, Distributed, HardwareConfig
+from acestep_ft.config import Config, Distributed, FullMode, HardwareConfig
 
 WRAP_CLASSES = ["DiTLayer"]  # FSDP shard groups: one per DiT layer (acestep_ft/model/decoder.py), the root the rest
 DEEPSPEED_PIP = 'pip install "deepspeed>=0.19"'  # or the project extra: pip install -e ".[deepspeed]"
@@ -119,16 +119,15 @@ def strategy_problems(cfg: Config, on_cpu: bool) -> List[str]:
     if cfg.train.ema.enabled and sharded_weights:
         problems.append("train.ema.enabled with sharded weights (hardware.distributed=fsdp, or deepspeed with "
                         "zero_stage=3) is not supported yet: use zero_stage 1/2, ddp, or train.ema.enabled=false.")
-    unfreeze = bool(getattr(cfg.mode, "unfreeze", None))
+    unfreeze = isinstance(cfg.mode, FullMode) and bool(cfg.mode.unfreeze)
     if unfreeze and hw.distributed != Distributed.ddp:
         problems.append(f"mode.unfreeze with hardware.distributed={hw.distributed} is not supported (held-back weights "
                         "have no optimizer state, which sharded optimizer checkpoints cannot restore exactly): use "
                         "ddp.")
-    target = str(dict(cfg.optim.optimizer).get("_target_", ""))
-    if fsdp and target.startswith("bitsandbytes."):
-        problems.append(f"optim.optimizer {target} with hardware.distributed=fsdp: bitsandbytes optimizers do not "
-                        "step FSDP2's sharded (DTensor) weights; use torch.optim.AdamW (fused=true) with fsdp, or "
-                        "deepspeed with the 8-bit optimizer.")
+    if fsdp and cfg.optim.target.startswith("bitsandbytes."):
+        problems.append(f"optim.optimizer {cfg.optim.target} with hardware.distributed=fsdp: bitsandbytes optimizers "
+                        "do not step FSDP2's sharded (DTensor) weights; use torch.optim.AdamW (fused=true) with "
+                        "fsdp, or deepspeed with the 8-bit optimizer.")
     return problems
 
 

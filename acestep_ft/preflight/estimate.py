@@ -218,7 +218,7 @@ def train_set(cfg: Config) -> TrainSet:
 
 
 def _optimizer_kind(cfg: Config) -> str:
-    target = str(dict(cfg.optim.optimizer).get("_target_", ""))
+    target = cfg.optim.target
     name = target.rsplit(".", 1)[-1].lower()
     if "8bit" in name and "adam" in name:
         return "adamw8bit"

@@ -198,7 +198,7 @@ def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterat
             yield "gradient checkpointing", current
     while step(_smaller_batch(current, shape)):
         yield "smaller micro-batch, more accumulation", current
-    target = current.optim.optimizer.get("_target_") if isinstance(current.optim.optimizer, dict) else None
+    target = current.optim.target
     if target == ADAMW and not current.optim.optimizer.get("fused"):
         if step(_changed(current, lambda c: c.optim.optimizer.update({"fused": True}))):
             yield "fused AdamW", current

@@ -1,0 +1,143 @@
+"""Checks before anything trains: every problem visible without loading weights (reported together, each with its
+fix), and the data fingerprint against the loaded model.
+
+    resume_from = check_config(cfg, run_dir)          # SystemExit listing all problems; the checkpoint to resume
+    check_data_fingerprint(cfg, model, print)         # after the model loads: refuse data made for another one
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from acestep_ft.config import (
+    Config, Device, FullMode, LoraMode, MixedPrecision, PreprocessedDataset, resolve_hardware,
+)
+from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
+from acestep_ft.distributed import strategy_problems
+from acestep_ft.model.checkpoint_io import condition_encoder_digest
+from acestep_ft.model.decoder import checkpointed_layers
+from acestep_ft.model.variants import build_meta_model
+from acestep_ft.train.checkpoint import resolve_resume
+from acestep_ft.train.trainable import unfreeze_starts
+
+
+def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
+    """Targets that match no Linear of the decoder under PEFT's rule (name == t or name ends with "." + t)."""
+    names = [n for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """Problems visible without loading weights, all reported at once, each with its fix.
+
+    Returns the checkpoint to resume from (None for a fresh start).
+    """
+    problems = []
+    if cfg.model.path is None and cfg.model.variant != "tiny":
+        problems.append(
+            f"model variant {cfg.model.variant!r} needs its weights: set model.path=/path/to/checkpoint-dir "
+            f"(the directory with config.json and model.safetensors). Random init is only for model=tiny."
+        )
+    if cfg.model.path is not None and not Path(os.path.expanduser(cfg.model.path)).exists():
+        problems.append(f"model.path={cfg.model.path} does not exist.")
+    if isinstance(cfg.dataset, PreprocessedDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
+        problems.append(f"dataset.path={cfg.dataset.path} does not exist: give the preprocessed tensor directory.")
+    for name, value in [("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
+                        ("train.save_every", cfg.train.save_every), ("train.log_every", cfg.train.log_every),
+                        ("hardware.batch_size", cfg.hardware.batch_size)]:
+        if value < 1:
+            problems.append(f"{name}={value} must be >= 1.")
+    if cfg.train.stop_at_step is not None and not 0 < cfg.train.stop_at_step <= cfg.train.max_steps:
+        problems.append(f"train.stop_at_step={cfg.train.stop_at_step} must be in 1..train.max_steps.")
+    if cfg.hardware.device == Device.cuda and not torch.cuda.is_available():
+        problems.append("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto, or "
+                        "check the CUDA install (torch.cuda.is_available() is False).")
+    on_cpu, _ = resolve_hardware(cfg.hardware, torch.cuda.is_available(), False)
+    if cfg.hardware.mixed_precision == MixedPrecision.fp16 and on_cpu:
+        problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    try:
+        checkpointed_layers(cfg.hardware.gradient_checkpointing, cfg.model.num_hidden_layers)
+    except ValueError as err:
+        problems.append(f"hardware.{err}")
+    problems += validation_problems(cfg)
+    problems += strategy_problems(cfg, on_cpu)
+    if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
+        try:
+            unfreeze_starts(build_meta_model(cfg.model).decoder, cfg.mode.unfreeze, steps_per_epoch=1)
+        except ValueError as err:
+            problems.append(str(err))
+    if isinstance(cfg.mode, LoraMode):
+        missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
+        if missing:
+            problems.append(f"mode.target_modules {missing} match no Linear layer of the decoder; valid names "
+                            "include q_proj, k_proj, v_proj, o_proj (self_attn./cross_attn. prefixes allowed), "
+                            "gate_proj, up_proj, down_proj, condition_embedder.")
+    resume_from = None
+    try:
+        resume_from = resolve_resume(cfg.train.resume, run_dir)
+    except FileNotFoundError as err:
+        problems.append(str(err))
+    if problems:
+        raise SystemExit("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
+    return resume_from
+
+
+def validation_problems(cfg: Config) -> List[str]:
+    """Validation split, early stopping and sampling settings that cannot work, each with its fix."""
+    problems = []
+    val_path = getattr(cfg.dataset, "val_path", None)
+    if not 0.0 <= cfg.dataset.val_fraction < 1.0:
+        problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction} must be in [0, 1).")
+    if val_path is not None and cfg.dataset.val_fraction > 0:
+        problems.append("dataset.val_path and dataset.val_fraction are both set: choose one validation split.")
+    if val_path is not None and not Path(os.path.expanduser(val_path)).exists():
+        problems.append(f"dataset.val_path={val_path} does not exist.")
+    has_val = val_path is not None or cfg.dataset.val_fraction > 0
+    for knob, value in (("train.early_stop.patience", cfg.train.early_stop.patience),
+                        ("train.val_every", cfg.train.val_every)):
+        if value > 0 and not has_val:
+            problems.append(f"{knob} needs a validation split: set dataset.val_fraction (e.g. 0.1) or "
+                            "dataset.val_path.")
+    if cfg.train.val_every < 0 or cfg.train.early_stop.patience < 0 or cfg.train.samples.every_epochs < 0:
+        problems.append("train.val_every, train.early_stop.patience and train.samples.every_epochs must be >= 0.")
+    if cfg.train.samples.every_epochs and (cfg.train.samples.num < 1 or cfg.train.samples.steps < 1):
+        problems.append("train.samples.num and train.samples.steps must be >= 1.")
+    return problems
+
+
+def data_fingerprint_digest(cfg: Config) -> Optional[str]:
+    """Digest of the training data's fingerprint.json, stored in checkpoints (None: synthetic or legacy .pt data)."""
+    if not isinstance(cfg.dataset, PreprocessedDataset):
+        return None
+    fingerprint = read_fingerprint(cfg.dataset.path)
+    if fingerprint is None:
+        return None
+    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
+    """Refuse data preprocessed with another model or condition encoder (dataset.allow_fingerprint_mismatch=true
+    overrides), for the training directory and dataset.val_path. Legacy .pt data has no fingerprint: say that it
+    cannot be checked."""
+    if not isinstance(cfg.dataset, PreprocessedDataset):
+        return
+    ours = make_fingerprint(cfg.model.variant, condition_encoder_digest(model), None, None, None, {})
+    for path in [cfg.dataset.path] + ([cfg.dataset.val_path] if cfg.dataset.val_path else []):
+        data_fp = read_fingerprint(path)
+        if data_fp is None:
+            say(f"data fingerprint of {path}: none (legacy .pt data); which condition encoder produced it cannot be "
+                "checked")
+            continue
+        problems = compare_fingerprints(data_fp, ours)
+        if problems and not cfg.dataset.allow_fingerprint_mismatch:
+            raise SystemExit(f"The data in {path} was not made for this model:\n  " + "\n  ".join(problems)
+                             + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")
+        say(f"data fingerprint of {path}: " + ("MISMATCH accepted (dataset.allow_fingerprint_mismatch=true):\n  "
+                                              + "\n  ".join(problems) if problems else "matches the model"))
