@@ -89,10 +89,15 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
     return resume_from
 
 
+def validation_dir(cfg: Config) -> Optional[str]:
+    """dataset.val_path (only preprocessed datasets have one)."""
+    return cfg.dataset.val_path if isinstance(cfg.dataset, PreprocessedDataset) else None
+
+
 def validation_problems(cfg: Config) -> List[str]:
     """Validation split, early stopping and sampling settings that cannot work, each with its fix."""
     problems = []
-    val_path = getattr(cfg.dataset, "val_path", None)
+    val_path = validation_dir(cfg)
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction} must be in [0, 1).")
     if val_path is not None and cfg.dataset.val_fraction > 0:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.atomic import atomic_write_bytes
-from acestep_ft.checks import check_config, check_data_fingerprint, data_fingerprint_digest
+from acestep_ft.checks import check_config, check_data_fingerprint, data_fingerprint_digest, validation_dir
 from acestep_ft.config import Config, Distributed, FullMode, flatten, resolve_hardware
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
@@ -57,7 +57,7 @@ def build_sources(cfg: Config, encoder_width: int, say) -> Tuple[SampleSource, O
     # pass the resolved policy on, so auto's directory scan and format detection run once
     cache = replace(cfg.cache, policy=policy)
     source = build_dataset(cfg.dataset, cache, encoder_width=encoder_width)
-    val_path = getattr(cfg.dataset, "val_path", None)
+    val_path = validation_dir(cfg)
     if val_path is not None:
         val = build_dataset(replace(cfg.dataset, path=val_path, val_path=None), cache, encoder_width=encoder_width)
         say(f"validation: {len(val)} samples from dataset.val_path={val_path}")

@@ -271,7 +271,8 @@ def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -
     budget = device_budget(cfg)
     overhead = int(cfg.preflight.overhead_gb * GIB)
     verdict = Verdict(cfg, estimate_config(cfg, shape, world_size), budget, overhead)
-    full, opted_in = isinstance(cfg.mode, FullMode), getattr(cfg.mode, "i_understand_vram_risk", False)
+    full = isinstance(cfg.mode, FullMode)
+    opted_in = full and cfg.mode.i_understand_vram_risk
     if verdict.fits is None:
         if full and not opted_in and cfg.model.variant != "tiny":
             raise SystemExit(verdict.report() + "\nmode=full without a device budget to check: confirm with "
