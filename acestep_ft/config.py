@@ -87,6 +87,10 @@ class TimestepKind(StrEnum):
     turbo_discrete = "turbo_discrete"
 
 
+class NonfinitePolicy(StrEnum):
+    halt = "halt"
+    skip = "skip"
+
 
 @dataclass
 class ModelConfig:
@@ -307,6 +311,10 @@ class OptimConfig:
     """Max global grad norm; 0 disables clipping."""
     param_groups: List[ParamGroupConfig] = field(default_factory=list)
     """Named groups with LR multipliers; parameters matching none form the group "default" (lr_mult 1)."""
+    decay_all: bool = False
+    """Weight decay on every trainable tensor, as the official trainer does; false = only the weight matrices of
+    Linear / convolution layers (LoRA matrices included) decay, never norms, biases, embedding tables or the adaLN
+    modulation tables."""
 
     @property
     def target(self) -> str:
@@ -447,7 +455,16 @@ class TrainConfig:
     resume: Optional[str] = None
     """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint / run directory path."""
     resume_strict: bool = True
-    """Refuse to resume when the model, mode, data, optimizer, objective or batch setup differs from the checkpoint's."""
+    """Refuse to resume when the model, mode, data, optimizer, objective or batch setup differs from the checkpoint's;
+    false = continue with the new settings (optimizer hyperparameters and schedule are applied to the restored state)."""
+    overwrite: bool = False
+    """Start fresh in a run directory that holds an earlier run, deleting its checkpoints, export, samples and metrics
+    (without it such a directory is refused; train.resume=auto continues it instead)."""
+    nonfinite: NonfinitePolicy = NonfinitePolicy.halt
+    """A NaN/Inf loss or gradient: halt = save the last finite state (a checkpoint marked as such) and stop; skip = drop
+    that optimizer step (no update, counted in train/nonfinite_skips) and halt after max_nonfinite_skips in a row."""
+    max_nonfinite_skips: int = 10
+    """nonfinite=skip: halt (saving the last finite state) after this many non-finite steps in a row."""
     stop_at_step: Optional[int] = None
     """Save and stop at this step, keeping max_steps' schedule (split a run across job time limits)."""
     plot: bool = True

@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from acestep_ft.errors import UserError
 
-class DataError(ValueError):
-    """Bad or missing training data (a file, a manifest entry, a tensor's shape/dtype/values)."""
+
+class DataError(UserError, ValueError):
+    """Bad or missing training data (a file, a manifest entry, a tensor's shape/dtype/values). A UserError (exit
+    status 1) and, for older callers, a ValueError."""
 
 
 def data_error(
