@@ -4,6 +4,8 @@
     python train.py model=acestep15_turbo model.path=/ckpt/acestep-v15-turbo dataset=preprocessed dataset.path=/data hardware=a100
     python train.py -m optim.lr=1e-4,3e-4             # a grid, one directory per job
     python train.py -cd experiments -cn lora_rank_lr_grid -m
+
+Exit status: 0 done, 1 refused or failed, 2 usage / config error, 128+N stopped by signal N after saving a checkpoint.
 """
 
 import hydra
@@ -13,22 +15,33 @@ from omegaconf.errors import MissingMandatoryValue
 from acestep_ft.config import register_configs
 
 register_configs()
+started = False  # whether Hydra composed the config and called main (else its SystemExit(1) is a usage error)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> None:
+    global started
+    started = True
     from hydra.core.hydra_config import HydraConfig
 
+    from acestep_ft.errors import ConfigError, reported_errors
+    from acestep_ft.launch import from_hydra
     from acestep_ft.run import train
+    from acestep_ft.train.lifecycle import stop_status
 
-    runtime = HydraConfig.get().runtime
-    choices = {k: v for k, v in runtime.choices.items() if not k.startswith("hydra") and v is not None}
-    try:
-        typed = OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as err:
-        raise SystemExit(f"Config: {err.full_key} is required; add {err.full_key}=... to the command line.") from None
-    train(typed, runtime.output_dir, choices)
+    with reported_errors():
+        try:
+            typed = OmegaConf.to_object(cfg)
+        except MissingMandatoryValue as err:
+            raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
+        hydra_cfg = HydraConfig.get()
+        result = train(typed, hydra_cfg.runtime.output_dir, from_hydra(cfg, hydra_cfg))
+    if result.stopped_by is not None:
+        raise SystemExit(stop_status(result.stopped_by))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exit_:
+        raise SystemExit(2 if exit_.code == 1 and not started else exit_.code) from None

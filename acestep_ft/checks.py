@@ -1,7 +1,8 @@
 """Checks before anything trains: every problem visible without loading weights (reported together, each with its
 fix), and the data fingerprint against the loaded model.
 
-    resume_from = check_config(cfg, run_dir)          # SystemExit listing all problems; the checkpoint to resume
+    resume_from, notes = check_config(cfg, run_dir)   # ConfigError listing all problems; the checkpoint to resume
+    state = check_resume_config(cfg, resume_from, 1, print)  # before any weights load: refuse another setup
     check_data_fingerprint(cfg, model, print)         # after the model loads: refuse data made for another one
 """
 
@@ -11,21 +12,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from acestep_ft.config import (
-    Config, Device, FullMode, LoraMode, MixedPrecision, PreprocessedDataset, resolve_hardware,
+    Config, Device, Distributed, FullMode, LoraMode, MixedPrecision, NonfinitePolicy, PreprocessedDataset, flatten,
+    resolve_hardware,
 )
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.distributed import strategy_problems
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.decoder import checkpointed_layers
+from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model.variants import build_meta_model
-from acestep_ft.train.checkpoint import resolve_resume
-from acestep_ft.train.trainable import unfreeze_starts
+from acestep_ft.train.checkpoint import TrainingState, check_resume, read_state, signature
+from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
+from acestep_ft.train.optim import param_groups
+from acestep_ft.train.trainable import make_trainable, unfreeze_starts
 
 
 def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
@@ -34,10 +39,11 @@ def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
-    """Problems visible without loading weights, all reported at once, each with its fix.
+def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Optional[Path], List[str]]:
+    """Problems visible without loading weights, all reported at once (ConfigError), each with its fix. `requeued`:
+    the launcher requeues preempted jobs into the same directory (they must continue, not start over).
 
-    Returns the checkpoint to resume from (None for a fresh start).
+    Returns the checkpoint to resume from (None for a fresh start) and notes to print about how it was chosen.
     """
     problems = []
     if cfg.model.path is None and cfg.model.variant != "tiny":
@@ -45,8 +51,20 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
             f"model variant {cfg.model.variant!r} needs its weights: set model.path=/path/to/checkpoint-dir "
             f"(the directory with config.json and model.safetensors). Random init is only for model=tiny."
         )
-    if cfg.model.path is not None and not Path(os.path.expanduser(cfg.model.path)).exists():
-        problems.append(f"model.path={cfg.model.path} does not exist.")
+    problems += model_path_problems(cfg.model.path)
+    if not cfg.optim.lr > 0:
+        problems.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate, e.g. 1e-4).")
+    if cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
+        problems.append("optim.weight_decay and optim.grad_clip must be >= 0 (grad_clip 0 = no clipping).")
+    if cfg.train.nonfinite == NonfinitePolicy.skip and cfg.train.max_nonfinite_skips < 1:
+        problems.append(f"train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} must be >= 1.")
+    if (cfg.train.nonfinite == NonfinitePolicy.skip and cfg.hardware.distributed == Distributed.deepspeed
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        problems.append("train.nonfinite=skip cannot hold a step back under hardware.distributed=deepspeed (DeepSpeed "
+                        "applies the update inside backward): use train.nonfinite=halt.")
+    if requeued and cfg.train.resume is None:
+        problems.append("this launcher requeues preempted and timed-out jobs into the same run directory: add "
+                        "train.resume=auto so that a requeued job continues from its checkpoint.")
     if isinstance(cfg.dataset, PreprocessedDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
         problems.append(f"dataset.path={cfg.dataset.path} does not exist: give the preprocessed tensor directory.")
     for name, value in [("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
@@ -79,14 +97,49 @@ def check_config(cfg: Config, run_dir: Path) -> Optional[Path]:
             problems.append(f"mode.target_modules {missing} match no Linear layer of the decoder; valid names "
                             "include q_proj, k_proj, v_proj, o_proj (self_attn./cross_attn. prefixes allowed), "
                             "gate_proj, up_proj, down_proj, condition_embedder.")
-    resume_from = None
-    try:
-        resume_from = resolve_resume(cfg.train.resume, run_dir)
-    except FileNotFoundError as err:
-        problems.append(str(err))
+    relaunch = relaunch_problem(run_dir, cfg.train)
+    if relaunch:
+        problems.append(relaunch)
     if problems:
-        raise SystemExit("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return resume_from
+        raise ConfigError("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
+    return choose_checkpoint(cfg.train.resume, run_dir)
+
+
+def model_path_problems(path: Optional[str]) -> List[str]:
+    """model.path must be an official checkpoint directory (config.json + weights) or a single .safetensors file."""
+    if path is None:
+        return []
+    where = Path(os.path.expanduser(path))
+    if not where.exists():
+        return [f"model.path={path} does not exist."]
+    if where.is_dir() and not (where / "config.json").is_file():
+        return [f"model.path={path} has no config.json: give the checkpoint directory itself (e.g. "
+                ".../Ace-Step1.5/acestep-v15-turbo, with config.json and model.safetensors), or a single "
+                "*.safetensors file."]
+    if where.is_file() and where.suffix != ".safetensors":
+        return [f"model.path={path} is a file but not a .safetensors file: give the checkpoint directory."]
+    return []
+
+
+def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
+    flat = flatten(cfg)
+    flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
+    return flat
+
+
+def check_resume_config(cfg: Config, path: Path, world_size: int, say: Callable[[str], None]) -> TrainingState:
+    """Read the checkpoint's training state (memory-mapped) and refuse a resume into another setup before any weights
+    load: mode, trained tensors and optimizer groups come from the configured model on the meta device."""
+    state = read_state(path)
+    decoder = make_trainable(build_meta_model(cfg.model), cfg.mode)
+    groups = [(g["name"], len(g["params"])) for g in param_groups(decoder, cfg.optim)]
+    for warning in check_resume(state, path, cfg.mode.name, flat_config(cfg, world_size), cfg.train.resume_strict,
+                                data_fingerprint_digest(cfg), signature(decoder), groups):
+        say(warning)
+    if state.note:
+        say(f"{path} was saved with a note: {state.note}")
+    return state
 
 
 def validation_dir(cfg: Config) -> Optional[str]:
@@ -142,7 +195,7 @@ def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
             continue
         problems = compare_fingerprints(data_fp, ours)
         if problems and not cfg.dataset.allow_fingerprint_mismatch:
-            raise SystemExit(f"The data in {path} was not made for this model:\n  " + "\n  ".join(problems)
+            raise UserError(f"The data in {path} was not made for this model:\n  " + "\n  ".join(problems)
                              + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")
         say(f"data fingerprint of {path}: " + ("MISMATCH accepted (dataset.allow_fingerprint_mismatch=true):\n  "
                                               + "\n  ".join(problems) if problems else "matches the model"))

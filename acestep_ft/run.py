@@ -1,30 +1,34 @@
 """train(cfg): the only place that wires config, data, model, trainable set, optimizer, resume and loop together.
 
-Order: checks that need no weights -> memory preflight (may rewrite the config) -> accelerator + seed -> model ->
-trainable set -> data (train / validation split) -> optimizer -> resume -> loop (validation, samples, checkpoints)
--> replica check, export, loss plot.
+Order: checks that need no weights (relaunch guard, checkpoint choice) -> memory preflight (may rewrite the config)
+-> resume compatibility (no weights yet) -> run directory (clear / clean, .hydra record) -> accelerator + seed ->
+model -> trainable set -> data (train / validation split) -> optimizer -> resume -> loop (validation, samples,
+checkpoints, stop signals) -> replica check, export, loss plot.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
 from acestep_ft.atomic import atomic_write_bytes
-from acestep_ft.checks import check_config, check_data_fingerprint, data_fingerprint_digest, validation_dir
-from acestep_ft.config import Config, Distributed, FullMode, flatten, resolve_hardware
+from acestep_ft.checks import (
+    check_config, check_data_fingerprint, check_resume_config, data_fingerprint_digest, flat_config, validation_dir,
+)
+from acestep_ft.config import Config, Distributed, FullMode, LoraMode, resolve_hardware
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.dataset import SampleSource, SubsetSource, resolve_cache_policy, split_train_val
@@ -33,14 +37,17 @@ from acestep_ft.data.sampler import sampler_for
 from acestep_ft.distributed import (
     accelerator_kwargs, broadcast_module_, full_state_dict, load_optimizer_state_dict, optimizer_state_dict,
 )
+from acestep_ft.errors import UserError
+from acestep_ft.launch import Launch, write_record
 from acestep_ft.model import load_model
 from acestep_ft.preflight.gate import preflight, world_size_from_env, write_rewrite
 from acestep_ft.train.checkpoint import (
-    TrainingState, capture_rng, load_checkpoint, mark_best, restore_rng, save_checkpoint, signature,
+    TrainingState, apply_optimizer_settings, capture_rng, load_weights, restore_rng, save_checkpoint, signature,
 )
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents, validation_loss
+from acestep_ft.train.lifecycle import StopSignals, prepare_run_dir, stop_status
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
@@ -80,13 +87,6 @@ def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> B
         f"{100 * pads['naive_pad_fraction']:.1f}%), {pads['oversize_samples']} clip(s) over the frame budget")
     cuda_copy = cfg.hardware.device_prefetch and acc.device.type == "cuda"
     return BatchStream(source, sampler, max_frames=max_frames, seed=cfg.train.seed, pin_memory=cuda_copy)
-
-
-def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
-    """The resolved config as {"optim.lr": 1e-4, ...} plus the process count: what a strict resume compares."""
-    flat = flatten(cfg)
-    flat.update({"mode.name": cfg.mode.name, "dataset.kind": cfg.dataset.kind, "world_size": world_size})
-    return flat
 
 
 def evaluation_hooks(cfg: Config, acc: Accelerator, decoder: nn.Module, ema: Optional[Ema],
@@ -138,6 +138,8 @@ def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Modu
         acc.print(f"replicas: the trained weights {'agree' if len(set(digests)) == 1 else 'DIFFER'} on all "
                   f"{acc.num_processes} processes" + ("" if len(set(digests)) == 1 else f" {digests}"))
     if finished:
+        if not losses:
+            acc.print(f"the run had already finished at step {start_step}: writing its export again")
         weights = gathered_weights(acc, decoder)  # collective
         if acc.is_main_process:
             dtype = getattr(torch, str(cfg.train.export_dtype))
@@ -201,43 +203,69 @@ def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_
             "samples/mse_to_target": float(((latents - batch.target_latents)[real] ** 2).mean())}
 
 
-def train(cfg: Config, run_dir: Path | str, choices: Optional[Mapping[str, str]] = None) -> List[float]:
-    """Train one run into `run_dir`; returns the per-step losses of this invocation.
+@dataclass
+class RunResult:
+    """What one invocation of `train` did."""
 
-    `choices` are the Hydra group choices (model=..., mode=...), used for logger groups and tags.
+    losses: List[float]               # per-step losses of this invocation
+    stopped_by: Optional[int] = None  # the signal that stopped it (after a checkpoint was saved)
+
+
+def train(cfg: Config, run_dir: Path | str, launch: Optional[Launch] = None) -> RunResult:
+    """Train one run into `run_dir`. `launch` says how it was started (train.py reads it from Hydra).
+
+    A stop signal ends it after a checkpoint; the caller exits with `lifecycle.stop_status(result.stopped_by)`.
     """
+    launch = launch or Launch()
     run_dir = Path(run_dir)
-    resume_from = check_config(cfg, run_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # no process group yet
-    verdict = preflight(cfg, world_size_from_env())  # refuses (SystemExit) before any weights load
-    if main_process:
-        print("memory preflight:\n" + verdict.report(), flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if verdict.changes:
-        if main_process:
-            write_rewrite(run_dir, cfg, verdict)
-            print(f"memory preflight rewrote the config to fit: {run_dir / 'preflight'} holds it and the diff")
-        cfg = verdict.cfg
+    say = print if main_process else (lambda *_: None)
+    resume_from, notes = check_config(cfg, run_dir, launch.requeues)
+    for note in notes:
+        say(note)
+    verdict = preflight(cfg, world_size_from_env())  # refuses (UserError) before any weights load
+    say("memory preflight:\n" + verdict.report())
+    original, cfg = cfg, verdict.cfg
+    state = check_resume_config(cfg, resume_from, world_size_from_env(), say) if resume_from is not None else None
+    if main_process:  # the run is accepted: from here on it may change the directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(run_dir, cfg.train.overwrite, say)
+        write_record(run_dir, launch.record)
+        if verdict.changes:
+            write_rewrite(run_dir, original, verdict)
+            say(f"memory preflight rewrote the config to fit: {run_dir / 'preflight'} holds it and the diff")
+    stop = StopSignals()
     try:
-        losses = _train(cfg, run_dir, choices or {}, resume_from)
+        losses = _train(cfg, run_dir, launch, resume_from, state, stop)
     except torch.OutOfMemoryError as err:
         said = {True: "although the memory preflight estimated that it fits", False: "as the memory preflight "
                 "predicted (preflight.policy=warn)", None: "(the memory preflight had no budget to check)"}
-        raise SystemExit(
+        raise UserError(
             f"CUDA out of memory {said[verdict.fits]}: {err}\n" + verdict.report()
             + "\nCheckpoints already in the run directory are complete (written atomically). Lower the memory: "
             "preflight.overhead_gb higher (then the gate rewrites or refuses earlier), hardware.gradient_checkpointing"
             "=1, a smaller hardware.batch_size with more train.grad_accum, or optim=adamw8bit.") from err
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"disk full while writing {err.filename or run_dir}: free space there, then continue with "
+                        f"train.resume=auto (checkpoints already written are complete).") from err
     # Tear down in order on every process: _train's DDP wrapper and optimizer are freed by now, then all ranks meet
     # and drop the process group together. A gloo rank whose peer already exited can hang in the destructor.
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return losses
+    if stop.agreed_signum is not None:
+        say(f"stopped by signal (exit status {stop_status(stop.agreed_signum)}); continue with:\n  "
+            f"{launch.continue_command(run_dir)}"
+            + ("\n  (with the same launcher and number of processes)" if world_size_from_env() > 1 else ""))
+        stop.hand_on()
+    return RunResult(losses, stop.agreed_signum)
 
 
-def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: Optional[Path]) -> List[float]:
+def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Path], state: Optional[TrainingState],
+           stop: StopSignals) -> List[float]:
     cuda = torch.cuda.is_available()
     on_cpu, precision = resolve_hardware(cfg.hardware, cuda, cuda and torch.cuda.is_bf16_supported())
     acc = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum,
@@ -272,9 +300,10 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
 
     data_digest = data_fingerprint_digest(cfg)
-    start_step, state = 0, None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, decoder, cfg.mode.name, flat, cfg.train.resume_strict, data_digest)
+    start_step = 0
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if state is not None:  # checked against this config before the model loaded (check_resume_config)
+        load_weights(resume_from, decoder, cfg.mode.name)
         scheduler.load_state_dict(state.scheduler)
         batches.load_state_dict(state.sampler)
         start_step = state.step
@@ -283,6 +312,10 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
     decoder, optimizer = acc.prepare(decoder, optimizer)
     if state is not None:
         load_optimizer_state_dict(acc, decoder, optimizer, state.optimizer)  # after prepare: may be sharded
+        # what is saved in this run's checkpoints and config must be in effect (train.resume_strict=false)
+        changed = apply_optimizer_settings(optimizer, scheduler, fresh_groups)
+        if changed:
+            print0("applied the configured optimizer settings to the restored optimizer:\n  " + "\n  ".join(changed))
     null_embedding = model.null_condition_emb.detach().to(acc.device)
     held = []
     if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
@@ -312,44 +345,62 @@ def _train(cfg: Config, run_dir: Path, choices: Mapping[str, str], resume_from: 
                "synchronously, between steps")
     prefetcher = Prefetcher(batches, acc.device, device_prefetch=cfg.hardware.device_prefetch)
 
-    def save(step: int) -> None:
+    saved_params = trainable if isinstance(cfg.mode, LoraMode) else total
+    expected_bytes = 4 * (saved_params + 2 * trainable)  # fp32 weights + two optimizer moments, until a save says
+
+    def save(step: int, note: Optional[str] = None) -> None:
         # collectives first: every process contributes its RNG, its shard of the weights and optimizer state
         rngs = gather_object([capture_rng(acc.device)])
         weights = gathered_weights(acc, decoder)
         optimizer_state = optimizer_state_dict(acc, decoder, optimizer)
+        failure = [None]
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(decoder)
-            path = save_checkpoint(
-                run_dir,
-                TrainingState(step=step, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                              sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped, weights),
-                              mode=cfg.mode.name, config=flat,
-                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                              ema=ema.state_dict() if ema is not None else None,
-                              early_stop=early_stop.state_dict() if val_source is not None else None,
-                              data_fingerprint=data_digest),
-                lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights),
-                config_yaml=config_yaml,
-                keep_last=cfg.train.keep_last,
-                keep_step=early_stop.best_step,
-            )
-            best = early_stop.best_step == step
-            if best:
-                mark_best(run_dir, step, early_stop.best)
-            tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if best else ""))
+            try:
+                path = write_checkpoint(step, note, rngs, weights, optimizer_state)
+                best = early_stop.best_step == step
+                tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if best else "")
+                           + (f" ({note})" if note else ""))
+            except UserError as err:  # e.g. disk full: every process must stop, not wait for this one
+                failure = [str(err)]
+        failure = broadcast_object_list(failure)
+        if failure[0] is not None:
+            raise UserError(failure[0])
         acc.wait_for_everyone()
 
-    sink = MetricsSink(run_dir, cfg.logger, choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                       resume_step=start_step if state is not None else None, enabled=acc.is_main_process)
+    def write_checkpoint(step: int, note: Optional[str], rngs: List, weights: Optional[Dict],
+                         optimizer_state: Dict) -> Path:
+        unwrapped = acc.unwrap_model(decoder)
+        return save_checkpoint(
+            run_dir,
+            TrainingState(step=step, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
+                          sampler=prefetcher.state_dict(), rng=rngs, signature=signature(unwrapped, weights),
+                          mode=cfg.mode.name, config=flat,
+                          scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                          ema=ema.state_dict() if ema is not None else None,
+                          early_stop=early_stop.state_dict() if val_source is not None else None,
+                          data_fingerprint=data_digest, nonfinite_skips=parts.nonfinite_skips, note=note),
+            lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights),
+            config_yaml=config_yaml,
+            keep_last=cfg.train.keep_last,
+            keep_step=early_stop.best_step,
+            best=(early_stop.best_step, early_stop.best) if early_stop.best_step is not None else None,
+            expected_bytes=expected_bytes,
+        )
+
+    sink = MetricsSink(run_dir, cfg.logger, launch.choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                       start_step=start_step, enabled=acc.is_main_process)
     validate, generate = evaluation_hooks(cfg, acc, decoder, ema, train_source, val_source, run_dir, sink)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch, validate,
-                      early_stop, generate)
+                      early_stop, generate, stop, state.nonfinite_skips if state is not None else 0)
+    stop.install()
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)
     finally:
+        stop.uninstall()
         prefetcher.close()
         sink.close()
-    finished = bool(losses) and (start_step + len(losses) == cfg.train.max_steps or early_stop.should_stop)
+    reached = start_step + len(losses) >= cfg.train.max_steps or early_stop.should_stop
+    finished = reached and stop.agreed_signum is None
     finish_run(cfg, acc, model, decoder, ema, run_dir, losses, start_step, finished)
     return losses

@@ -1,4 +1,4 @@
-"""The one training loop: micro-batches -> loss -> accumulate -> clip -> step -> log -> checkpoint.
+"""The one training loop: micro-batches -> loss -> accumulate -> clip -> (finite?) step -> log -> checkpoint.
 
 Accelerate owns devices, autocast and gradient accumulation; LoRA and full fine-tuning differ only in which module
 is passed in. Everything the loop needs arrives as plain objects, so tests can drive it directly.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
-from acestep_ft.config import ObjectiveConfig, TrainConfig
+from acestep_ft.config import NonfinitePolicy, ObjectiveConfig, TrainConfig
+from acestep_ft.errors import UserError
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
+from acestep_ft.train.lifecycle import StopSignals
 from acestep_ft.train.metrics import MetricsSink
 from acestep_ft.train.step import flow_matching_loss
 from acestep_ft.train.trainable import drop_held_grads
@@ -45,6 +49,8 @@ class LoopParts:
     validate: Optional[Callable[[], float]] = None  # validation loss of the current weights (None: no split)
     early_stop: EarlyStopping = field(default_factory=EarlyStopping)
     generate: Optional[Callable[[int], Dict[str, float]]] = None  # sample latents at a step; returns metrics
+    stop: Optional[StopSignals] = None  # stop requests by signal (None: signals keep their default action)
+    nonfinite_skips: int = 0           # non-finite steps dropped so far (restored on resume)
 
 
 def peak_memory_gb(device: torch.device) -> Dict[str, float]:
@@ -60,27 +66,33 @@ def train_loop(
     cfg: TrainConfig,
     start_step: int,
     sink: MetricsSink,
-    save: Callable[[int], None],
+    save: Callable[[int, Optional[str]], None],
     grad_clip: float,
 ) -> List[float]:
-    """Run optimizer steps from `start_step` to `cfg.max_steps` (or `cfg.stop_at_step`, or an early stop); returns
-    the per-step losses.
+    """Run optimizer steps from `start_step` to `cfg.max_steps` (or `cfg.stop_at_step`, an early stop, a stop signal
+    or a non-finite halt); returns the per-step losses.
 
     After a step: validate every `cfg.val_every` steps (0 = every epoch) and at the end, generate samples every
     `cfg.samples.every_epochs` epochs and at the end (max_steps, not stop_at_step: a split run evaluates exactly
-    when the uninterrupted one does), then checkpoint every `cfg.save_every` steps, at the end, at
-    a new best validation loss and when stopping early.
+    when the uninterrupted one does), then `save(step, note)` every `cfg.save_every` steps, at the end, at a new best
+    validation loss, when stopping early and when a stop signal arrived (`parts.stop`, agreed by all processes).
+
+    A non-finite loss or gradient norm is caught before the optimizer applies it: `cfg.nonfinite=halt` saves the last
+    finite state (noted as such) and raises UserError; `skip` drops the step (no update, no scheduler / EMA step) and
+    halts the same way after `cfg.max_nonfinite_skips` such steps in a row.
     """
     acc = parts.accelerator
     stop = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.max_steps
     val_every = cfg.val_every or parts.steps_per_epoch
     sample_every = cfg.samples.every_epochs * parts.steps_per_epoch
     params = [p for p in parts.decoder.parameters() if p.requires_grad]
+    # DeepSpeed applies the update inside backward(): a non-finite step cannot be held back there
+    can_hold_back = acc.distributed_type != DistributedType.DEEPSPEED
     losses: List[float] = []
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train",
                unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     parts.decoder.train()
-    step = start_step
+    step, in_a_row = start_step, 0
     if parts.early_stop.should_stop:
         acc.print(f"early stop: the resumed run had already stopped at step {step} (train.early_stop.patience="
                    f"{cfg.early_stop.patience}); raise the patience to continue")
@@ -88,6 +100,7 @@ def train_loop(
     while step < stop:
         started = time.perf_counter()
         step_loss, samples, frames, padded, waited, grad_norm = 0.0, 0, 0, 0, 0.0, float("nan")
+        applied, bad_keys = False, []
         for _ in range(cfg.grad_accum):
             batch, wait_s = parts.batches.next()
             waited += wait_s
@@ -95,64 +108,98 @@ def train_loop(
                 loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
                                           parts.timestep_mu, parts.timestep_sigma)
                 acc.backward(loss)
+                micro_loss = float(acc.reduce(loss.detach(), "mean"))  # collective: equal on every process
+                step_loss += micro_loss / cfg.grad_accum
+                bad_keys += [] if math.isfinite(micro_loss) else list(batch.keys)
                 if acc.sync_gradients:
                     drop_held_grads(parts.held, step)  # weights whose unfreeze stage has not started yet
                     norm = acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
                     grad_norm = float("nan") if norm is None else float(norm)  # DeepSpeed may not report one
-                parts.optimizer.step()
+                    # fp16: the grad scaler itself skips steps with inf/nan gradients (and lowers its scale)
+                    grads_ok = norm is None or acc.scaler is not None or math.isfinite(grad_norm)
+                    if (math.isfinite(step_loss) and grads_ok) or not can_hold_back:
+                        parts.optimizer.step()
+                        applied = math.isfinite(step_loss) and grads_ok
                 parts.optimizer.zero_grad(set_to_none=True)
-            step_loss += float(acc.reduce(loss.detach(), "mean")) / cfg.grad_accum
             samples += len(batch.keys) * acc.num_processes
             frames += int(batch.attention_mask.sum()) * acc.num_processes
             padded += batch.attention_mask.numel() * acc.num_processes
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"loss became {step_loss} at step {step + 1} (last batch: samples {batch.keys}). If the data may hold "
-                f"NaN/Inf, check it with `python -m acestep_ft.data.validate --dataset-dir DIR`; otherwise lower "
-                f"optim.lr, keep optim.grad_clip > 0, or use hardware.mixed_precision=bf16 instead of fp16. The last "
-                f"good checkpoint is in the run directory."
-            )
-        lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
-        lr = parts.scheduler.get_last_lr()[0]
-        step += 1
-        if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
-            parts.scheduler.step()
-            if parts.ema is not None:
-                parts.ema.update(step)
-        losses.append(step_loss)
-        elapsed = time.perf_counter() - started
-        metrics: Dict[str, float] = {}
-        if step % cfg.log_every == 0 or step == stop:
-            metrics = {
-                "train/loss": step_loss,
-                "train/lr": lr,  # the first group's
-                **(lrs if len(lrs) > 1 else {}),
-                "train/grad_norm": grad_norm,
-                "perf/step_time_s": elapsed,
-                "perf/samples_per_s": samples / elapsed,
-                "perf/frames_per_s": frames / elapsed,
-                "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
-                "data/stall_frac": waited / elapsed,  # share of the step spent waiting for input
-                **peak_memory_gb(acc.device),
-            }
-        improved = False
-        if parts.validate is not None and (step % val_every == 0 or step == cfg.max_steps):
-            val_loss = parts.validate()
-            improved = parts.early_stop.update(val_loss, step)
-            metrics.update({"val/loss": val_loss, "val/best": parts.early_stop.best})
-        if parts.generate is not None and sample_every and (step % sample_every == 0 or step == cfg.max_steps):
-            metrics.update(parts.generate(step))
-        if metrics:
-            sink.log(step, metrics)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
+        if not applied:
+            parts.nonfinite_skips += 1
+            in_a_row += 1
+            what = (f"non-finite loss {step_loss} / gradient norm {grad_norm} at step {step + 1} (samples "
+                    f"{bad_keys or list(batch.keys)})")
+            if cfg.nonfinite == NonfinitePolicy.halt or in_a_row >= cfg.max_nonfinite_skips:
+                halt_on_nonfinite(parts, cfg, step, what, save if can_hold_back else None)
+            tqdm.write(f"{what}: step skipped, no update ({in_a_row} in a row, {parts.nonfinite_skips} in all; "
+                       f"train.nonfinite=skip halts at {cfg.max_nonfinite_skips} in a row)")
+        else:
+            in_a_row = 0
+            lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
+            lr = parts.scheduler.get_last_lr()[0]
+            step += 1
+            if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
+                parts.scheduler.step()
+                if parts.ema is not None:
+                    parts.ema.update(step)
+            losses.append(step_loss)
+            elapsed = time.perf_counter() - started
+            metrics: Dict[str, float] = {}
+            if step % cfg.log_every == 0 or step == stop:
+                metrics = {
+                    "train/loss": step_loss,
+                    "train/lr": lr,  # the first group's
+                    **(lrs if len(lrs) > 1 else {}),
+                    "train/grad_norm": grad_norm,
+                    "perf/step_time_s": elapsed,
+                    "perf/samples_per_s": samples / elapsed,
+                    "perf/frames_per_s": frames / elapsed,
+                    "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
+                    "data/stall_frac": waited / elapsed,  # share of the step spent waiting for input
+                    **peak_memory_gb(acc.device),
+                    **({"train/nonfinite_skips": parts.nonfinite_skips}
+                       if cfg.nonfinite == NonfinitePolicy.skip else {}),
+                }
+            improved = False
+            if parts.validate is not None and (step % val_every == 0 or step == cfg.max_steps):
+                val_loss = parts.validate()
+                improved = parts.early_stop.update(val_loss, step)
+                metrics.update({"val/loss": val_loss, "val/best": parts.early_stop.best})
+            if parts.generate is not None and sample_every and (step % sample_every == 0 or step == cfg.max_steps):
+                metrics.update(parts.generate(step))
+            if metrics:
+                sink.log(step, metrics)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
         stopping = parts.early_stop.should_stop
-        if step % cfg.save_every == 0 or step == stop or improved or stopping:
-            save(step)
+        signalled = parts.stop.agreed(acc) if parts.stop is not None else None  # collective with several processes
+        if applied and (step % cfg.save_every == 0 or step == stop or improved or stopping) or signalled:
+            save(step, f"stopped by {signal.Signals(signalled).name}" if signalled else None)
         if stopping:
             acc.print(f"early stop at step {step}: no validation improvement of more than "
                        f"{cfg.early_stop.min_delta} in {cfg.early_stop.patience} evaluations; best "
                        f"{parts.early_stop.best:.6f} at step {parts.early_stop.best_step}")
             break
+        if signalled:
+            acc.print(f"stopped by {signal.Signals(signalled).name} after step {step}: checkpoint saved")
+            break
     bar.close()
     return losses
+
+
+def halt_on_nonfinite(parts: LoopParts, cfg: TrainConfig, step: int, what: str,
+                      save: Optional[Callable[[int, Optional[str]], None]]) -> None:
+    """Stop the run on a non-finite step: save the last finite state (the weights after `step`, which the bad step
+    never touched) as a checkpoint noted as an emergency save, then raise UserError saying what to try."""
+    if save is not None:
+        save(step, f"emergency save: halted on a {what}; the weights are those after step {step}, the data position "
+                   "is after the failing batch")
+    saved = (f"The last finite state is saved as checkpoint step {step} (its note says so); resuming from it continues "
+             "after the failing batch." if save is not None else "The last good checkpoint is in the run directory.")
+    why = (f"{cfg.max_nonfinite_skips} non-finite steps in a row (train.nonfinite=skip)"
+           if cfg.nonfinite == NonfinitePolicy.skip else "train.nonfinite=halt")
+    raise UserError(
+        f"training halted: {what}; {why}. {saved} If the data may hold NaN/Inf, check it with `python -m "
+        "acestep_ft.data.validate --dataset-dir DIR`; otherwise lower optim.lr (with train.resume=auto "
+        "train.resume_strict=false), keep optim.grad_clip > 0, use hardware.mixed_precision=bf16 instead of fp16, or "
+        "train.nonfinite=skip to drop such steps.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.config import LoggerConfig
@@ -18,7 +18,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsSink:
-    """Append-only metrics for one run; a resumed run first drops the lines past the step it resumes from."""
+    """Append-only metrics for one run; a run first drops the lines past the step it starts from (all of them for a
+    fresh start, whose directory may hold the metrics of an earlier run that never saved a checkpoint)."""
 
     def __init__(
         self,
@@ -26,7 +27,7 @@ class MetricsSink:
         cfg: LoggerConfig,
         choices: Mapping[str, str],
         config: Dict,
-        resume_step: Optional[int] = None,
+        start_step: int = 0,
         enabled: bool = True,
     ):
         self.enabled = enabled
@@ -35,8 +36,8 @@ class MetricsSink:
         self._tb = None
         if not enabled:
             return
-        if resume_step is not None:
-            truncate_after(self.path, resume_step)
+        if self.path.exists():
+            truncate_after(self.path, start_step)
         match cfg.backend:
             case "wandb":
                 import wandb
@@ -106,15 +107,37 @@ def wandb_run_id(run_dir: Path) -> str:
     return id_file.read_text().strip()
 
 
-def read_metrics(path: Path) -> List[Dict]:
+def read_metrics(path: Path, say: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """The records of a metrics.jsonl. Lines that are not JSON objects (a last line torn by a kill mid-write) are
+    dropped and, with `say`, reported."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records, bad = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = "torn"
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif record is not None:
+            bad.append(number)
+    if bad and say is not None:
+        say(f"{path}: dropped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}): a write cut short by "
+            "a kill")
+    return records
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Keep only records with step <= `step` (a resumed run rewrites what came after)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    """Keep only records with step <= `step` (a resumed run rewrites what came after; a fresh start, step 0, keeps
+    nothing), saying what was dropped."""
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    records = read_metrics(path, say)
+    kept = [r for r in records if r["step"] <= step]
+    if step == 0 and records:
+        say(f"{path}: replacing the {len(records)} record(s) of an earlier start that saved no checkpoint")
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 

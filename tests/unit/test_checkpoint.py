@@ -8,10 +8,12 @@ import torch
 from acestep_ft.config import FullMode, LoraMode, OptimConfig
 from conftest import model_config
 from acestep_ft.model import load_model
+from acestep_ft.errors import UserError
 from acestep_ft.train.checkpoint import (
-    TrainingState, capture_rng, list_checkpoints, load_checkpoint, mark_best, read_best, resolve_resume, restore_rng,
-    save_checkpoint, signature,
+    TrainingState, apply_optimizer_settings, capture_rng, check_resume, list_checkpoints, load_weights, mark_best,
+    read_best, read_state, restore_rng, save_checkpoint, signature,
 )
+from acestep_ft.train.lifecycle import choose_checkpoint
 from acestep_ft.train.optim import build_optimizer, build_scheduler
 from acestep_ft.train.trainable import make_trainable, trainable_state_dict, write_trained
 
@@ -37,6 +39,19 @@ def take_steps(decoder, opt, sched, n=3):
 
 
 CONFIG = {"optim.lr": 1e-3, "model.variant": "tiny", "train.save_every": 5}
+
+
+def load_checkpoint(path, decoder, mode, config, strict=True, data_fingerprint=None):
+    """What a resume does: the state, checked against the setup without weights, then the weights."""
+    state = read_state(path)
+    groups = [(g.get("name"), len(g["params"])) for g in state.optimizer["param_groups"]]
+    check_resume(state, path, mode, config, strict, data_fingerprint, signature(decoder), groups)
+    load_weights(path, decoder, mode)
+    return state
+
+
+def resolve_resume(resume, run_dir):
+    return choose_checkpoint(resume, run_dir)[0]
 
 
 def write(run_dir, step, model, decoder, opt, sched, mode_name, keep_last=3, write_weights=None, keep_step=None,
@@ -128,7 +143,7 @@ def test_keep_last_plus_the_best(tmp_path):
 def test_changed_data_fingerprint_is_refused_unless_not_strict(tmp_path):
     model, decoder, opt, sched = tiny_setup(LoraMode(rank=4, alpha=4))
     path = write(tmp_path, 1, model, decoder, opt, sched, "lora", data_fingerprint="aaaa")
-    with pytest.raises(ValueError, match="data fingerprint: checkpoint aaaa, dataset now bbbb"):
+    with pytest.raises(UserError, match="data fingerprint: checkpoint aaaa, dataset now bbbb"):
         load_checkpoint(path, decoder, "lora", CONFIG, data_fingerprint="bbbb")
     assert load_checkpoint(path, decoder, "lora", CONFIG, strict=False, data_fingerprint="bbbb").step == 1
     assert load_checkpoint(path, decoder, "lora", CONFIG, data_fingerprint="aaaa").step == 1
@@ -137,7 +152,7 @@ def test_changed_data_fingerprint_is_refused_unless_not_strict(tmp_path):
 def test_resume_paths(tmp_path):
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
-    with pytest.raises(FileNotFoundError, match="no training_state.pt"):
+    with pytest.raises(UserError, match="no checkpoint there"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
 
 
@@ -145,10 +160,10 @@ def test_resume_into_another_setup_is_refused(tmp_path):
     model, decoder, opt, sched = tiny_setup(LoraMode(rank=4, alpha=4))
     path = write(tmp_path, 1, model, decoder, opt, sched, "lora")
     _, other_rank, _, _ = tiny_setup(LoraMode(rank=8, alpha=8))
-    with pytest.raises(ValueError, match="trained tensors differ"):
+    with pytest.raises(UserError, match="trained tensors differ"):
         load_checkpoint(path, other_rank, "lora", CONFIG)
     _, full, _, _ = tiny_setup(FullMode())
-    with pytest.raises(ValueError, match="mode: checkpoint 'lora', config 'full'"):
+    with pytest.raises(UserError, match="mode: checkpoint 'lora', config 'full'"):
         load_checkpoint(path, full, "full", CONFIG)
 
 
@@ -156,9 +171,143 @@ def test_strict_resume_refuses_a_changed_config_and_lists_what_differs(tmp_path)
     model, decoder, opt, sched = tiny_setup(LoraMode(rank=4, alpha=4))
     path = write(tmp_path, 1, model, decoder, opt, sched, "lora")
     changed = {**CONFIG, "optim.lr": 0.5, "dataset.num_samples": 9}
-    with pytest.raises(ValueError, match=r"(?s)dataset.num_samples: checkpoint '<absent>', now 9.*"
+    with pytest.raises(UserError, match=r"(?s)dataset.num_samples: checkpoint '<absent>', now 9.*"
                                          r"optim.lr: checkpoint 0.001, now 0.5.*resume_strict=false"):
         load_checkpoint(path, decoder, "lora", changed)
     # bookkeeping knobs may change; strict=false accepts the rest
     assert load_checkpoint(path, decoder, "lora", {**CONFIG, "train.save_every": 100}).step == 1
     assert load_checkpoint(path, decoder, "lora", changed, strict=False).step == 1
+
+
+# -- integrity: manifest, fallback, deletion, disk -------------------------------------------------------------
+def flip_bits(path, offset_from_end=100, count=8):
+    data = bytearray(path.read_bytes())
+    for k in range(count):
+        data[len(data) - offset_from_end + k] ^= 1 << (k % 8)
+    path.write_bytes(bytes(data))
+
+
+def lora_run(tmp_path, steps=(1, 2, 3), keep_last=0):
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=2, alpha=2))
+    return [write(tmp_path, s, model, decoder, opt, sched, "lora", keep_last=keep_last) for s in steps]
+
+
+@pytest.mark.parametrize("damage", ["flip adapter bits", "truncate state", "flip header", "delete config"])
+def test_a_damaged_newest_checkpoint_is_named_and_auto_falls_back(tmp_path, damage):
+    first, second = lora_run(tmp_path, steps=(1, 2))
+    adapter = second / "adapter" / "adapter_model.safetensors"
+    match damage:
+        case "flip adapter bits":  # 8 flipped bits in the tensor data: nothing but a checksum can see them
+            flip_bits(adapter)
+        case "truncate state":
+            state = second / "training_state.pt"
+            state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        case "flip header":
+            data = bytearray(adapter.read_bytes())
+            data[10] ^= 0xFF
+            adapter.write_bytes(bytes(data))
+        case "delete config":
+            (second / "config.yaml").unlink()
+    with pytest.raises(UserError, match=rf"checkpoint {second} is damaged"):
+        choose_checkpoint(str(second), tmp_path / "elsewhere")
+    chosen, notes = choose_checkpoint("auto", tmp_path)
+    assert chosen == first
+    assert str(second) in notes[0] and "damaged" in notes[0] and str(first) in notes[-1]
+
+
+def test_every_checkpoint_damaged_is_refused_and_a_legacy_one_is_unverified(tmp_path):
+    (only,) = lora_run(tmp_path, steps=(1,))
+    flip_bits(only / "training_state.pt")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        choose_checkpoint("auto", tmp_path)
+    (legacy,) = lora_run(tmp_path / "old", steps=(1,))
+    (legacy / "manifest.json").unlink()  # written before checkpoints carried a manifest
+    chosen, notes = choose_checkpoint("auto", tmp_path / "old")
+    assert chosen == legacy and "cannot be verified" in notes[0]
+
+
+def test_a_damaged_state_file_is_a_clear_error_naming_the_path(tmp_path):
+    (path,) = lora_run(tmp_path, steps=(1,))
+    (path / "training_state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(UserError, match=rf"checkpoint {path} is damaged: training_state.pt cannot be read"):
+        read_state(path)
+
+
+def test_deletion_goes_through_a_hidden_trash_name(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    lora_run(tmp_path, steps=(1, 2))
+    seen = []
+    real_rmtree = shutil_module.rmtree
+
+    def killed_rmtree(path, *args, **kwargs):  # a kill mid-delete: the directory is half gone
+        seen.append(Path(path).name)
+        (Path(path) / "training_state.pt").unlink()
+
+    monkeypatch.setattr(shutil_module, "rmtree", killed_rmtree)
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=2, alpha=2))
+    write(tmp_path, 3, model, decoder, opt, sched, "lora", keep_last=2)
+    monkeypatch.setattr(shutil_module, "rmtree", real_rmtree)
+    assert seen and seen[0].startswith(".trash-step-00000001")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert resolve_resume("auto", tmp_path).name == "step-00000003"
+
+
+def test_best_json_is_written_before_the_old_best_is_deleted(tmp_path):
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=2, alpha=2))
+    state = lambda step: TrainingState(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(),  # noqa
+                                       sampler={}, rng=[capture_rng()], signature=signature(decoder), mode="lora",
+                                       config=CONFIG)
+    weights = lambda d: write_trained(model, decoder, d, torch.float32)  # noqa: E731
+    save_checkpoint(tmp_path, state(1), weights, "", keep_last=1, keep_step=1, best=(1, 0.9))
+    save_checkpoint(tmp_path, state(2), weights, "", keep_last=1, keep_step=1, best=(1, 0.9))
+    assert read_best(tmp_path)["step"] == 1 and len(list_checkpoints(tmp_path)) == 2
+    save_checkpoint(tmp_path, state(3), weights, "", keep_last=1, keep_step=3, best=(3, 0.5))
+    assert read_best(tmp_path)["step"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
+    for step in (4, 5):  # the best survives keep_last=1 even when the caller forgets it
+        save_checkpoint(tmp_path, state(step), weights, "", keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000005"]
+
+
+def test_a_save_without_disk_space_is_refused_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    (good,) = lora_run(tmp_path, steps=(1,))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=2, alpha=2))
+    with pytest.raises(UserError, match=rf"disk full: not enough space .* GiB are free; the previous checkpoint "
+                                        rf"{good} is intact"):
+        write(tmp_path, 2, model, decoder, opt, sched, "lora")
+    assert list_checkpoints(tmp_path) == [good] and choose_checkpoint("auto", tmp_path)[0] == good
+
+
+def test_non_strict_resume_applies_the_new_optimizer_settings(tmp_path):
+    model, decoder, opt, sched = tiny_setup(LoraMode(rank=4, alpha=4))
+    take_steps(decoder, opt, sched, 3)
+    path = write(tmp_path, 3, model, decoder, opt, sched, "lora")
+    # the resumed run is configured with lr 1e-2 and weight decay 0.5 (was 1e-3 / 0.01)
+    _, decoder2, _, _ = tiny_setup(LoraMode(rank=4, alpha=4))
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.5, warmup_steps=2)
+    opt2 = build_optimizer(decoder2, cfg)
+    sched2 = build_scheduler(opt2, 10, cfg)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt2.param_groups]
+    state = load_checkpoint(path, decoder2, "lora", {**CONFIG, "optim.lr": 1e-2}, strict=False)
+    opt2.load_state_dict(state.optimizer)
+    sched2.load_state_dict(state.scheduler)
+    assert opt2.param_groups[0]["weight_decay"] == 0.01  # what torch restores: the old values
+    changes = apply_optimizer_settings(opt2, sched2, fresh)
+    assert any("weight_decay 0.01 -> 0.5" in c for c in changes) and any("base lr 0.001 -> 0.01" in c for c in changes)
+    decays = {g["weight_decay"] for g in opt2.param_groups}
+    assert 0.5 in decays and 0.01 not in decays
+    # the current lr is the new peak at the restored point of the schedule, and the schedule goes on from there
+    from acestep_ft.train.optim import lr_factor
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(3, 10, cfg))
+    assert sched2.get_last_lr()[0] == opt2.param_groups[0]["lr"]
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(4, 10, cfg))
+    # a strict resume changes nothing
+    assert apply_optimizer_settings(opt2, sched2, [{k: v for k, v in g.items() if k != "params"}
+                                                   for g in opt2.param_groups]) == []

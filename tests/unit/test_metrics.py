@@ -12,7 +12,7 @@ def test_sink_appends_and_resume_truncates(tmp_path):
     sink.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     # a run resumed from step 3 rewrites steps 4.. instead of duplicating them
-    sink = MetricsSink(tmp_path, LoggerConfig(), {}, {}, resume_step=3)
+    sink = MetricsSink(tmp_path, LoggerConfig(), {}, {}, start_step=3)
     sink.log(4, {"train/loss": 40.0})
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
