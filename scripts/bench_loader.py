@@ -41,6 +41,8 @@ for the "warm" numbers.
    batch (the time to first batch) is left out of the mean step time and reported on its own; median step time and
    data stall (time waiting for a batch / step time, as train_loop logs it) cover steps 2..N.
 4. Prints the tables (with the machine: cores, RAM, CPU model, torch version, load average) and `--json PATH`.
+
+Exit status: 0 done, 1 refused (a --workdir holding data this benchmark did not write), 2 bad options.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from acestep_ft.data.pt_format import REQUIRED_KEYS, validate_sample  # noqa: E4
 from acestep_ft.data.sampler import LengthBucketSampler  # noqa: E402
 from acestep_ft.data.v3_reader import V3Directory  # noqa: E402
 from acestep_ft.data.v3_writer import write_v3  # noqa: E402
+from acestep_ft.errors import ConfigError, UserError, reported_errors  # noqa: E402
 
 FPS = 25
 LATENT, CONTEXT = 64, 128
@@ -189,8 +192,8 @@ def prepare_dataset(workdir: Path, p: Dict[str, Any]) -> Dict[str, Any]:
         shutil.rmtree(pt_dir, ignore_errors=True)
         shutil.rmtree(v3_dir, ignore_errors=True)
     elif pt_dir.exists() or v3_dir.exists():
-        raise SystemExit(f"{workdir} has pt/ or v3/ but no {MARKER}: not written by this benchmark; "
-                         "choose another --workdir")
+        raise UserError(f"--workdir {workdir} has pt/ or v3/ but no {MARKER}: not written by this benchmark. Fix: "
+                        "choose another --workdir.")
     workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"params": p, "complete": False}))
     pt_dir.mkdir()
@@ -822,6 +825,8 @@ def main(argv=None) -> int:
     p = dataset_params(a)
     digest = hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:10]
     workdir = a.workdir or Path(tempfile.gettempdir()) / f"acestep_ft_bench_{digest}"
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file. Fix: give a directory (new, or one this benchmark wrote).")
     existed = workdir.exists()
     result: Dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                               "machine": machine_info()}
@@ -862,4 +867,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # the message only, no traceback
+        sys.exit(main())

@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from acestep_ft.config import register_configs
+from acestep_ft.errors import reported_errors
 from acestep_ft.preflight.estimate import estimate_memory
 from acestep_ft.preflight.trace import measure_peak_cuda, trace_peak
 
@@ -82,4 +83,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_errors():  # Ctrl-C: exit 130 without a traceback
+        main()

@@ -5,8 +5,10 @@
 Files are found as training finds them (`pt_index`: manifest.json order, else the sorted *.pt files), loaded with
 `torch.load(weights_only=True)` and written in their original dtype (bf16 stays bf16). Afterwards every sample is
 read back through `V3Directory` (checksums on) and compared with the source: tensors byte-identical (dtype, shape and
-a hash of the bytes recorded while converting), metadata equal as JSON. Exit status 1 with the DataError message on
-any problem. The fingerprint records --model-variant (default "unknown"); encoder digests are unknown for .pt data.
+a hash of the bytes recorded while converting), metadata equal as JSON. The fingerprint records --model-variant
+(default "unknown"); encoder digests are unknown for .pt data. Exit status: 0 converted and verified; 1 a file could not
+be read or written, or the round trip differs (the message names the file and the fix); 2 usage: --src is no .pt
+dataset directory, --dst is a file, a bad option.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import xxhash
 from acestep_ft.data.errors import DataError, data_error
 from acestep_ft.data.fingerprint import make_fingerprint
 from acestep_ft.data.pt_format import REQUIRED_KEYS, load_pt
-from acestep_ft.data.pt_index import index_directory
+from acestep_ft.data.pt_index import MANIFEST, index_directory
 from acestep_ft.data.v3_reader import V3Directory
 from acestep_ft.data.v3_writer import V3WriteSummary, json_safe, write_v3
+from acestep_ft.errors import ConfigError, UserError, reported_errors
 
 
 def tensor_identity(tensors) -> list:
@@ -87,12 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-variant", default="unknown", help="model variant the data was preprocessed for")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.shard_mb <= 0:
+        parser.error(f"--shard-mb {args.shard_mb} must be > 0")
     start = time.perf_counter()
-    try:
-        s = convert(args.src, args.dst, args.shard_mb, args.overwrite, args.model_variant, not args.no_progress)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with reported_errors():  # the message only, no traceback
+        src, dst = args.src.expanduser(), args.dst.expanduser()
+        if not src.is_dir():
+            raise ConfigError(f"--src {src} is not a directory. Fix: give the directory of the official / Side-Step "
+                              ".pt files (with or without manifest.json).")
+        if not (src / MANIFEST).is_file() and not any(src.glob("*.pt")):
+            raise ConfigError(f"--src {src} holds no *.pt files and no {MANIFEST}. Fix: give the output directory of "
+                              "the ACE-Step or Side-Step preprocessor.")
+        if dst.exists() and not dst.is_dir():
+            raise ConfigError(f"--dst {dst} is a file. Fix: give a new or empty directory for the v3 dataset.")
+        try:
+            s = convert(src, dst, args.shard_mb, args.overwrite, args.model_variant, not args.no_progress)
+        except OSError as exc:  # no permission, disk full
+            raise UserError(f"{exc.filename or dst}: {exc.strerror or exc}. Fix: check the path, its permissions "
+                            "and the free disk space.") from exc
     total = time.perf_counter() - start
     print(f"converted {s.num_samples} samples ({s.file_bytes / 1e9:.3f} GB in {s.num_shards} shards) to {s.path} "
           f"in {s.seconds:.1f} s ({s.mb_per_s:.0f} MB/s); round trip verified bit-identical "

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from acestep_ft.config import register_configs
 from acestep_ft.data.crop import seconds_to_frames
+from acestep_ft.errors import reported_errors
 from acestep_ft.preflight.gate import GIB, DataShape, config_diff, estimate_config, rewrite_candidates
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=240.0, help="clip length (default 240 s)")
     parser.add_argument("--cond", type=int, default=1024, help="condition tokens (default 1024)")
     args = parser.parse_args()
+    if args.seconds <= 0 or args.cond < 1:
+        parser.error(f"--seconds {args.seconds:g} must be > 0 and --cond {args.cond} >= 1")
     register_configs()
     shape = DataShape([seconds_to_frames(args.seconds)] * 16, args.cond, "fixed")
     modes = {"LoRA r64": ["mode=lora"], "full AdamW": ["mode=full"], "full 8-bit": ["mode=full", "optim=adamw8bit"]}
@@ -68,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported_errors():  # Ctrl-C: exit 130 without a traceback
+        main()

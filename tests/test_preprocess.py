@@ -24,6 +24,7 @@ import torch
 from acestep_ft.config import HardwareConfig, PreprocessConfig
 from acestep_ft.data.fingerprint import read_fingerprint
 from acestep_ft.data.v3_reader import V3Directory
+from acestep_ft.errors import UserError
 from acestep_ft.model import load_model, save_full_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.preprocess import pipeline
@@ -206,7 +207,7 @@ def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupt
     assert calls == ["a_mono.wav", "album/b_stereo.flac", "c_surround.wav"]
     assert not (out / "index.jsonl").exists() and len(list((out / ".work" / "songs").glob("*.json"))) == 2
 
-    with pytest.raises(SystemExit, match="other weights or settings"):  # other settings: refused, with the fix
+    with pytest.raises(UserError, match="other weights or settings"):  # other settings: refused, with the fix
         pipeline.preprocess(config(songs, out, seed=1), model, hw, progress=False, load=lambda *a: loaded)
 
     calls.clear()
@@ -223,7 +224,7 @@ def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupt
             if name != "key":
                 assert torch.equal(t, got[key][0][name]), (key, name)
     assert read_fingerprint(reference) == read_fingerprint(out)
-    with pytest.raises(SystemExit, match="already holds a finished dataset"):
+    with pytest.raises(UserError, match="already holds a finished dataset"):
         pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
 
 

@@ -129,6 +129,9 @@ def read_fingerprint(directory: str | Path) -> Optional[dict]:
         fp = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a directory, no permission
+        raise data_error(path, "cannot be read", found=exc.strerror or str(exc),
+                         fix="make it a readable file, or re-run preprocessing / conversion.") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise data_error(path, "is not valid JSON", found=str(exc),
                          fix="restore the file, or re-run preprocessing / conversion.") from exc

@@ -8,7 +8,8 @@ Every sample is read once, streaming (one in memory at a time): .pt files with `
 problem names the file / shard, the sample key, the tensor key, what was found and the fix (checks: `qa_checks`).
 The report: a summary (samples, errors, warnings), the problems grouped by kind (at most --max-listed each), the
 fingerprint, length statistics, a length histogram and the padding of the configured batching vs random batches.
-Exit status: 1 when any error is found, 0 otherwise (warnings do not fail), 2 for usage errors (bad path, options).
+Exit status: 1 when any error is found, 0 otherwise (warnings do not fail), 2 for usage errors (bad options, or a
+--dataset-dir that is missing or no dataset directory: the message only, on stderr).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from acestep_ft.data.pt_format import REQUIRED_KEYS, load_pt
 from acestep_ft.data.qa_checks import (ERROR, WARNING, Problem, Tally, check_sample, histogram, length_stats,
                                        padding)
 from acestep_ft.data.v3_reader import CHECKSUMS, INDEX_NAME, V3Directory, detect_format
+from acestep_ft.errors import ConfigError, reported_errors
 
 MAX_LISTED = 50
 _RECONVERT = "restore the shard from a backup, or re-run scripts/convert_pt_to_v3.py (or the preprocessing)."
@@ -203,6 +205,9 @@ def validate(root: str | Path, encoder_width: Optional[int] = None, batch_size: 
             del obj
     except DataError as exc:  # the index / manifest itself cannot be read: nothing (more) to scan
         problems.append(_fatal("index", None, exc))
+    except OSError as exc:  # no permission, a directory where a file belongs
+        problems.append(Problem(ERROR, "index", str(exc.filename or root), f"cannot be read ({exc.strerror or exc})",
+                                "make it a readable file, or restore the dataset."))
     problems += tally.content_dups
     header_width = info["header_width"]
     if header_width is not None and encoder_width is not None and header_width != encoder_width:
@@ -324,13 +329,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         ("--max-listed", args.max_listed >= 0, ">= 0")] if not ok]
     if bad:
         parser.error("; ".join(bad))
-    try:
-        report = validate(args.dataset_dir, args.encoder_width, args.batch_size, args.bucket_seconds,
-                          args.max_frames_per_batch, args.max_seconds, args.min_seconds, args.model_variant,
-                          args.max_listed, progress=not args.no_progress)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with reported_errors():  # the message only, no traceback
+        given = Path(args.dataset_dir).expanduser()
+        if given.is_file() and given.name not in (INDEX_NAME, pt_index.MANIFEST):
+            raise ConfigError(f"--dataset-dir {given} is a file. Fix: give the dataset directory (the one holding "
+                              f"{INDEX_NAME} and the shards, or the .pt files / manifest.json).")
+        try:
+            report = validate(args.dataset_dir, args.encoder_width, args.batch_size, args.bucket_seconds,
+                              args.max_frames_per_batch, args.max_seconds, args.min_seconds, args.model_variant,
+                              args.max_listed, progress=not args.no_progress)
+        except DataError as exc:  # --dataset-dir is not a dataset directory at all: a usage error
+            raise ConfigError(str(exc).replace("dataset.path", "--dataset-dir")) from None
     print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))
     return 1 if report["errors"] else 0
 

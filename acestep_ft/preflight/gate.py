@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -41,12 +42,14 @@ from acestep_ft.config import (
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import sampler_for
 from acestep_ft.distributed import strategy_problems
+from acestep_ft.errors import UserError
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.preflight.estimate import MemoryEstimate, estimate_memory
 
 GIB = 2**30
 ADAMW = "torch.optim.AdamW"
 ADAMW_8BIT = "bitsandbytes.optim.AdamW8bit"
+REFUSED = "the memory preflight refuses this run (estimated before any weights load):\n"
 
 
 @dataclass
@@ -228,14 +231,41 @@ def format_diff(diff: List[Tuple[str, Any, Any]]) -> List[str]:
     return [f"{key}: {old} -> {new}" for key, old, new in diff]
 
 
+def override_value(value: Any) -> str:
+    """`value` as Hydra's override grammar reads it back: true / false, null, [a,b], strings quoted where needed."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    plain = re.fullmatch(r"[A-Za-z_][\w./:-]*", str(value)) and value not in ("true", "false", "null")
+    return str(value) if not isinstance(value, str) or plain else "'" + value.replace("'", "\\'") + "'"
+
+
+def config_overrides(old: Config, new: Config) -> List[str]:
+    """The command-line overrides that turn `old` into `new`, in the form Hydra accepts: `key=value` for a key of
+    `old`, `+key=value` for one `old` lacks (e.g. +optim.optimizer.fused=true), `~key` for one `new` lacks."""
+    a, b = flatten(old), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key not in b:
+            out.append(f"~{key}")
+        elif key not in a:
+            out.append(f"+{key}={override_value(b[key])}")
+        elif a[key] != b[key]:
+            out.append(f"{key}={override_value(b[key])}")
+    return out
+
+
 def suggestions(cfg: Config, shape: DataShape, world_size: int, room: int) -> List[str]:
     """What would fit within `room` bytes: each rewrite step, LoRA ranks for a full run, a crop length, a GPU size."""
     out = []
     for name, candidate in rewrite_candidates(cfg, shape, world_size):
         total = estimate_config(candidate, shape, world_size).total
         if total <= room:
-            diff = " ".join(f"{key}={new}" for key, _, new in config_diff(cfg, candidate))
-            out.append(f"fits ({total / GIB:.2f} GiB) with the rewrite up to '{name}': {diff} "
+            overrides = " ".join(config_overrides(cfg, candidate))
+            out.append(f"fits ({total / GIB:.2f} GiB) with the rewrite up to '{name}': {overrides} "
                        "(preflight.policy=rewrite applies it)")
             break
     if isinstance(cfg.mode, FullMode):
@@ -263,7 +293,7 @@ def suggestions(cfg: Config, shape: DataShape, world_size: int, room: int) -> Li
 
 
 def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -> Verdict:
-    """Estimate, and refuse (SystemExit), rewrite or warn according to preflight.policy and the full-mode opt-in.
+    """Estimate, and refuse (UserError), rewrite or warn according to preflight.policy and the full-mode opt-in.
 
     Returns the verdict; `verdict.cfg` is the config to train.
     """
@@ -275,8 +305,8 @@ def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -
     opted_in = full and cfg.mode.i_understand_vram_risk
     if verdict.fits is None:
         if full and not opted_in and cfg.model.variant != "tiny":
-            raise SystemExit(verdict.report() + "\nmode=full without a device budget to check: confirm with "
-                             "mode.i_understand_vram_risk=true, or give hardware.memory_gb / a GPU preset.")
+            raise UserError(REFUSED + verdict.report() + "\nmode=full without a device budget to check: confirm "
+                            "with mode.i_understand_vram_risk=true, or give hardware.memory_gb / a GPU preset.")
         return verdict
     if verdict.fits:
         return verdict
@@ -286,8 +316,9 @@ def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -
     if policy == PreflightPolicy.auto:
         policy = PreflightPolicy.refuse if full else PreflightPolicy.rewrite
     if full and not opted_in:
-        raise SystemExit(verdict.report() + "\nmode=full does not fit the budget: refused (mode.i_understand_vram_risk"
-                         "=true with preflight.policy=rewrite lets the gate rewrite it to fit).")
+        raise UserError(REFUSED + verdict.report() + "\nmode=full does not fit the budget: refused "
+                        "(mode.i_understand_vram_risk=true with preflight.policy=rewrite lets the gate rewrite it to "
+                        "fit).")
     if policy == PreflightPolicy.warn:
         return verdict
     if policy == PreflightPolicy.rewrite:
@@ -297,8 +328,8 @@ def preflight(cfg: Config, world_size: int, shape: Optional[DataShape] = None) -
                 assert samples_per_step(candidate, shape) == samples_per_step(cfg, shape)
                 return Verdict(candidate, estimate, budget, overhead, format_diff(config_diff(cfg, candidate)))
         verdict.suggestions.insert(0, "no rewrite in the documented order fits")
-    raise SystemExit(verdict.report() + f"\nRefused (preflight.policy={cfg.preflight.policy}): the estimate exceeds "
-                     "the budget. Apply a suggestion above, or preflight.policy=warn to try anyway.")
+    raise UserError(REFUSED + verdict.report() + f"\nRefused (preflight.policy={cfg.preflight.policy}): the estimate "
+                    "exceeds the budget. Apply a suggestion above, or preflight.policy=warn to try anyway.")
 
 
 def world_size_from_env() -> int:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from acestep_ft.errors import ConfigError, UserError
+
 SFT_GEN_PROMPT = "# Instruction\n{}\n\n# Caption\n{}\n\n# Metas\n{}<|endoftext|>\n"
 """Official `acestep/constants.py` SFT_GEN_PROMPT (instruction, caption, metas)."""
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
@@ -85,12 +87,15 @@ def make_song(record: dict, where: str) -> Song:
 
 def read_csv(path: Path) -> dict[str, dict]:
     """{relative file path: row dict with lower-case FIELDS} from a metadata CSV."""
+    if not path.is_file():
+        raise ConfigError(f"preprocess.metadata_csv={path} is not a file. Fix: the CSV's path, or unset it to read "
+                          "sidecar captions.")
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = {name.strip().lower(): name for name in reader.fieldnames or []}
         if "file" not in header:
-            raise SystemExit(f"{path}: no `file` column (found {sorted(header)}). Fix: add a `file` column with "
-                             "each audio path relative to preprocess.input_dir.")
+            raise UserError(f"{path}: no `file` column (found {sorted(header)}). Fix: add a `file` column with "
+                            "each audio path relative to preprocess.input_dir.")
         rows = {}
         for row in reader:
             rel = Path((row.get(header["file"]) or "").strip()).as_posix()

@@ -22,8 +22,9 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import Tensor
 from acestep_ft.config import ExportDtype, HardwareConfig, PreprocessConfig, resolve_hardware
 from acestep_ft.data.fingerprint import make_fingerprint, tensor_digest
 from acestep_ft.data.v3_reader import FRAMES_PER_SECOND
+from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model import load_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 
@@ -53,17 +55,17 @@ def song_seed(seed: int, key: str) -> int:
 def component_paths(model_path: Optional[str], pre: PreprocessConfig) -> tuple[Path, Path, Path]:
     """(DiT dir, VAE dir, text-encoder dir): the official layout puts vae/ and Qwen3-Embedding-0.6B/ beside the DiT."""
     if model_path is None:
-        raise SystemExit("model.path is required: the condition encoder's weights decide what the cached "
-                         "encoder_hidden_states mean. Fix: model.path=<checkpoints>/acestep-v15-turbo (or your DiT).")
+        raise ConfigError("model.path is required: the condition encoder's weights decide what the cached "
+                          "encoder_hidden_states mean. Fix: model.path=<checkpoints>/acestep-v15-turbo (or your DiT).")
     dit = Path(os.path.expanduser(model_path))
     vae = Path(os.path.expanduser(pre.vae_path)) if pre.vae_path else dit.parent / "vae"
     text = (Path(os.path.expanduser(pre.text_encoder_path)) if pre.text_encoder_path
             else dit.parent / "Qwen3-Embedding-0.6B")
     missing = [f"{name}: {p} (set {knob})" for name, p, knob in
-               [("VAE", vae, "preprocess.vae_path"), ("text encoder", text, "preprocess.text_encoder_path")]
-               if not p.is_dir()]
+               [("DiT", dit, "model.path"), ("VAE", vae, "preprocess.vae_path"),
+                ("text encoder", text, "preprocess.text_encoder_path")] if not p.is_dir()]
     if missing:
-        raise SystemExit("Preprocessing needs these directories, not found:\n  " + "\n  ".join(missing))
+        raise ConfigError("Preprocessing needs these directories, not found:\n  " + "\n  ".join(missing))
     return dit, vae, text
 
 
@@ -82,14 +84,15 @@ def load_silence(dit: Path, variant: str) -> tuple[Optional[Tensor], str]:
     path = dit / SILENCE_NAME
     if not path.is_file():
         if variant != "tiny":
-            raise SystemExit(f"{path} not found: context_latents are built from the checkpoint's silence latent. "
-                             f"Fix: copy {SILENCE_NAME} from the official checkpoint directory into {dit}.")
+            raise UserError(f"{path} not found: context_latents are built from the checkpoint's silence latent. "
+                            f"Fix: copy {SILENCE_NAME} from the official checkpoint directory into {dit}.")
         log.warning("%s not found: model=tiny uses zeros as the silence latent (fingerprint: silence_latent=zeros)",
                     path)
         return None, "zeros"
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if raw.ndim != 3 or raw.shape[0] != 1 or LATENT_CHANNELS not in raw.shape[1:]:
-        raise SystemExit(f"{path}: shape {list(raw.shape)}, expected [1, 64, Ts] (official) or [1, Ts, 64].")
+        raise UserError(f"{path}: shape {list(raw.shape)}, expected [1, 64, Ts] (official) or [1, Ts, 64]. Fix: copy "
+                        f"{SILENCE_NAME} from the official checkpoint directory.")
     silence = (raw[0].T if raw.shape[1] == LATENT_CHANNELS else raw[0]).float().contiguous()  # [Ts, 64]
     return silence, tensor_digest({"silence_latent": silence})
 
@@ -160,22 +163,26 @@ class Encoders:
         dit, vae_dir, text_dir = component_paths(model_cfg.path, pre)
         cuda = torch.cuda.is_available()
         if hw.device == "cuda" and not cuda:
-            raise SystemExit("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto.")
+            raise ConfigError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto.")
         on_cpu, precision = resolve_hardware(hw, cuda, cuda and torch.cuda.is_bf16_supported())
         device = torch.device("cpu" if on_cpu else "cuda")
         dtype = COMPUTE[precision]
         # Digests are taken from the weights as stored (loaded in float32 on the CPU), before the cast to the
         # compute dtype, so a bf16 CUDA run and an fp32 CPU run write the same fingerprint, and the condition-encoder
         # digest equals the one training computes from its float32 load.
-        vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
+        with loading("VAE (diffusers AutoencoderOobleck)", vae_dir, "preprocess.vae_path=<the checkpoint's vae/>"):
+            vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
         check_vae(vae, vae_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
-        text_model = AutoModel.from_pretrained(str(text_dir), dtype=torch.float32).eval()
+        with loading("text encoder (transformers model + tokenizer)", text_dir,
+                     "preprocess.text_encoder_path=<the checkpoint's Qwen3-Embedding-0.6B/>"):
+            tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
+            text_model = AutoModel.from_pretrained(str(text_dir), dtype=torch.float32).eval()
         width = text_model.get_input_embeddings().weight.shape[1]
         if width != model_cfg.text_hidden_dim:
-            raise SystemExit(f"{text_dir}: hidden size {width}, but model.text_hidden_dim={model_cfg.text_hidden_dim} "
-                             "(the condition encoder's input). Fix: the text encoder of this checkpoint family.")
-        model = load_model(model_cfg, device="cpu", dtype=torch.float32)
+            raise ConfigError(f"{text_dir}: hidden size {width}, but model.text_hidden_dim={model_cfg.text_hidden_dim} "
+                              "(the condition encoder's input). Fix: the text encoder of this checkpoint family.")
+        with loading("DiT", dit, "model.path=<an ACE-Step 1.5 DiT directory of this model variant>"):
+            model = load_model(model_cfg, device="cpu", dtype=torch.float32)
         silence, silence_label = load_silence(dit, model_cfg.variant)
         digests = {"condition_encoder": condition_encoder_digest(model), "vae": tensor_digest(vae.state_dict()),
                    "text_encoder": tensor_digest(text_model.state_dict()), "tokenizer": tokenizer_digest(tokenizer),
@@ -226,6 +233,16 @@ class Encoders:
         return {k: v.to(stored).contiguous() for k, v in tensors.items()}
 
 
+@contextmanager
+def loading(what: str, path: Path, fix: str) -> Iterator[None]:
+    """Weights that cannot be loaded (missing or broken files, another architecture) as a UserError naming the
+    directory and the fix."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load the {what}: {str(exc).rstrip('.')}. Fix: {fix}.") from exc
+
+
 def check_settings(pre: PreprocessConfig) -> None:
     """Refuse settings that cannot work, each with its fix, before any weights load."""
     chunk, overlap = round(pre.chunk_seconds * FRAMES_PER_SECOND), round(pre.overlap_seconds * FRAMES_PER_SECOND)
@@ -236,13 +253,13 @@ def check_settings(pre: PreprocessConfig) -> None:
     if pre.max_seconds <= 0 or pre.text_max_tokens < 1 or pre.lyric_max_tokens < 1 or pre.shard_mb < 1:
         problems.append("preprocess.max_seconds, text_max_tokens, lyric_max_tokens and shard_mb must be positive.")
     if problems:
-        raise SystemExit("Preprocessing settings:\n  " + "\n  ".join(problems))
+        raise ConfigError("Preprocessing settings:\n  " + "\n  ".join(problems))
 
 
 def check_vae(vae: Any, where: Path) -> None:
     rate, hop = int(vae.config.sampling_rate), int(vae.hop_length)
     channels = int(vae.config.decoder_input_channels)
     if rate != FRAMES_PER_SECOND * hop or channels != LATENT_CHANNELS:
-        raise SystemExit(f"{where}: sampling_rate {rate} / hop {hop} = {rate / hop:g} latent frames/s with {channels} "
-                         f"channels; ACE-Step latents are {FRAMES_PER_SECOND} frames/s x {LATENT_CHANNELS} (the "
-                         "ACE-Step VAE: 48 kHz, downsampling [2, 4, 4, 6, 10]). Fix: preprocess.vae_path=<its vae/>.")
+        raise ConfigError(f"{where}: sampling_rate {rate} / hop {hop} = {rate / hop:g} latent frames/s with {channels} "
+                          f"channels; ACE-Step latents are {FRAMES_PER_SECOND} frames/s x {LATENT_CHANNELS} (the "
+                          "ACE-Step VAE: 48 kHz, downsampling [2, 4, 4, 6, 10]). Fix: preprocess.vae_path=<its vae/>.")

@@ -34,6 +34,7 @@ from acestep_ft.atomic import atomic_write_bytes, fsync_path
 from acestep_ft.config import HardwareConfig, PreprocessConfig
 from acestep_ft.data.fingerprint import FINGERPRINT_NAME, compare_fingerprints
 from acestep_ft.data.v3_reader import INDEX_NAME
+from acestep_ft.errors import ConfigError, UserError
 
 from .audio import AudioProblem, discover, read_audio
 from .captions import Song, load_songs, lyrics_text
@@ -87,31 +88,34 @@ def check_output_dir(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise SystemExit(f"preprocess.output_dir={out} is a file. Fix: choose a directory.")
+        raise ConfigError(f"preprocess.output_dir={out} is a file. Fix: choose a directory.")
     names = sorted(p.name for p in out.iterdir())
     if INDEX_NAME in names:
-        raise SystemExit(f"{out} already holds a finished dataset ({INDEX_NAME}). Fix: choose another "
-                         "preprocess.output_dir, or delete it to build it again.")
+        raise UserError(f"{out} already holds a finished dataset ({INDEX_NAME}). Fix: choose another "
+                        "preprocess.output_dir, or delete it to build it again.")
     foreign = [n for n in names if not _OUTPUT_OK.match(n)]
     if foreign:
-        raise SystemExit(f"{out} holds files that are not part of a dataset being built: {', '.join(foreign[:10])}. "
-                         "Fix: choose an empty or new preprocess.output_dir.")
+        raise UserError(f"{out} holds files that are not part of a dataset being built: {', '.join(foreign[:10])}. "
+                        "Fix: choose an empty or new preprocess.output_dir.")
 
 
 def open_work(work: Path, fingerprint: dict) -> None:
     """Create `.work`, or check that an existing one was started with this fingerprint."""
     manifest = work / "work.json"
     if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))["fingerprint"]
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))["fingerprint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{manifest} is damaged ({exc!r}). Fix: delete {work} to start over.") from exc
         if old != fingerprint:
             diffs = compare_fingerprints(old, fingerprint) or [
                 f"{k}: {old.get(k)!r} then, {fingerprint.get(k)!r} now" for k in sorted(set(old) | set(fingerprint))
                 if old.get(k) != fingerprint.get(k)]
             done = len(list((work / "songs").glob("*.json")))
-            raise SystemExit(f"{work} holds an unfinished run ({done} songs done) made with other weights or "
-                             "settings:\n  " + "\n  ".join(d.replace("training has", "this run has") for d in diffs)
-                             + f"\nFix: re-run with the settings it was started with to finish it, or delete {work} "
-                             "to start over.")
+            raise UserError(f"{work} holds an unfinished run ({done} songs done) made with other weights or "
+                            "settings:\n  " + "\n  ".join(d.replace("training has", "this run has") for d in diffs)
+                            + f"\nFix: re-run with the settings it was started with to finish it, or delete {work} "
+                            "to start over.")
         return
     (work / "songs").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(manifest, json.dumps({"fingerprint": fingerprint}, indent=2, sort_keys=True).encode())
@@ -172,11 +176,12 @@ def preprocess(pre: PreprocessConfig, model_cfg: Any, hw: HardwareConfig, progre
     start = time.perf_counter()
     input_dir, out = Path(pre.input_dir).expanduser(), Path(pre.output_dir).expanduser()
     if not input_dir.is_dir():
-        raise SystemExit(f"preprocess.input_dir={input_dir} is not a directory.")
+        raise ConfigError(f"preprocess.input_dir={input_dir} is not a directory. Fix: the folder of your audio files.")
     check_output_dir(out)
     rels = discover(input_dir)
     if not rels:
-        raise SystemExit(f"no audio files (wav, flac, mp3, ogg, opus) under {input_dir}.")
+        raise ConfigError(f"no audio files (wav, flac, mp3, ogg, opus) under preprocess.input_dir={input_dir}. Fix: "
+                          "the folder of your audio files.")
     songs, problems, orphans = load_songs(input_dir, rels, pre.metadata_csv)
     for rel in orphans:
         print(f"warning: {pre.metadata_csv} names {rel}, which is not an audio file under {input_dir}")

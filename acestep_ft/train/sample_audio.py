@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from acestep_ft.config import SampleConfig
+from acestep_ft.errors import ConfigError
 
 
 def vae_dir(cfg: SampleConfig, model_path: Optional[str]) -> Optional[Path]:
@@ -27,8 +28,8 @@ def vae_dir(cfg: SampleConfig, model_path: Optional[str]) -> Optional[Path]:
     if cfg.vae_path is not None:
         path = Path(os.path.expanduser(cfg.vae_path))
         if not path.is_dir():
-            raise SystemExit(f"train.samples.vae_path={cfg.vae_path} is not a directory (the VAE of the checkpoint, "
-                             "e.g. <checkpoints>/vae); unset it to write latents only.")
+            raise ConfigError(f"train.samples.vae_path={cfg.vae_path} is not a directory (the VAE of the checkpoint, "
+                              "e.g. <checkpoints>/vae); unset it to write latents only.")
         return path
     if model_path is not None:
         sibling = Path(os.path.expanduser(model_path)).parent / "vae"

@@ -1,9 +1,11 @@
-"""scripts/convert_pt_to_v3.py: an official-style .pt directory becomes a bit-identical v3 dataset, or exit 1."""
+"""scripts/convert_pt_to_v3.py: an official-style .pt directory becomes a bit-identical v3 dataset, or exit 1 (2 for
+a wrong argument)."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from acestep_ft.data.pt_format import REQUIRED_KEYS
@@ -53,10 +55,12 @@ def test_convert_fails_with_the_data_error_naming_the_file(tmp_path, capsys):
     written = official_dir(tmp_path / "pt", n=3)
     written[1]["encoder_hidden_states"][0, 0] = float("inf")
     torch.save(written[1], tmp_path / "pt" / "tensors" / "song.1.pt")
-    rc = convert_pt_to_v3.main(["--src", str(tmp_path / "pt"), "--dst", str(tmp_path / "v3"), "--no-progress"])
+    with pytest.raises(SystemExit) as stopped:
+        convert_pt_to_v3.main(["--src", str(tmp_path / "pt"), "--dst", str(tmp_path / "v3"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert stopped.value.code == 1 and "Traceback" not in err
     assert "sample 'song.1'" in err and "non-finite" in err and "song.1.pt" in err and "Fix:" in err
     assert not (tmp_path / "v3" / "index.jsonl").exists()
-    rc = convert_pt_to_v3.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "v3"), "--no-progress"])
-    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # a wrong argument: usage error
+        convert_pt_to_v3.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "v3"), "--no-progress"])
+    assert stopped.value.code == 2 and "--src" in capsys.readouterr().err

@@ -20,7 +20,10 @@ FP = make_fingerprint("tiny", None, None, None, None, {})
 
 
 def run(capsys, *args):
-    code = main([*args, "--no-progress"])
+    try:
+        code = main([*args, "--no-progress"])
+    except SystemExit as stopped:  # a usage error: the message on stderr, the status in the exit
+        code = stopped.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -232,6 +235,9 @@ def test_bad_path_and_bad_options_exit_2_without_traceback(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     code, _, err = run(capsys, "--dataset-dir", str(tmp_path / "other"))
     assert code == 2 and "not a dataset directory" in err
+    (tmp_path / "other" / "song.txt").write_text("junk")  # a file where the directory belongs
+    code, _, err = run(capsys, "--dataset-dir", str(tmp_path / "other" / "song.txt"))
+    assert code == 2 and "is a file" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exc:
         main(["--dataset-dir", str(tmp_path), "--batch-size", "0"])
     assert exc.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err

@@ -7,11 +7,12 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from acestep_ft.config import register_configs
+from acestep_ft.config import flatten, register_configs
 from acestep_ft.distributed import strategy_problems
+from acestep_ft.errors import UserError
 from acestep_ft.preflight.gate import (
-    GIB, DataShape, config_diff, data_shape, estimate_config, preflight, rewrite_candidates, samples_per_step,
-    write_rewrite,
+    GIB, DataShape, config_diff, config_overrides, data_shape, estimate_config, preflight, rewrite_candidates,
+    samples_per_step, write_rewrite,
 )
 from conftest import ROOT
 from test_configs import compose_config
@@ -33,9 +34,9 @@ def test_lora_on_an_a100_fits_untouched():
 
 def test_full_adamw_on_24gb_is_refused_with_terms_and_suggestions():
     cfg = cfg_of("model=acestep15_turbo", "mode=full", "hardware=24gb", *LONG)
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(UserError) as refused:
         preflight(cfg, 1)
-    text = str(refused.value.code)
+    text = str(refused.value)
     assert "DOES NOT FIT" in text and "optimizer states" in text and "weights" in text
     assert "this fits as LoRA rank" in text and "bitsandbytes.optim.AdamW8bit" in text
     assert "mode.i_understand_vram_risk" in text
@@ -49,7 +50,7 @@ def test_full_with_the_opt_in_is_rewritten_to_fit_and_keeps_what_trains():
     assert any("AdamW8bit" in c for c in verdict.changes)
     assert verdict.cfg.mode == cfg.mode and verdict.cfg.dataset == cfg.dataset
     assert samples_per_step(verdict.cfg, data_shape(cfg)) == samples_per_step(cfg, data_shape(cfg))
-    with pytest.raises(SystemExit, match="Refused"):  # the same without rewrite permission
+    with pytest.raises(UserError, match="Refused"):  # the same without rewrite permission
         preflight(cfg_of("model=acestep15_turbo", "mode=full", "mode.i_understand_vram_risk=true", "hardware=24gb",
                          *LONG), 1)
 
@@ -76,7 +77,7 @@ def test_warn_trains_anyway_and_cpu_has_no_budget():
     assert verdict.fits is False and not verdict.changes and verdict.suggestions
     cpu = cfg_of("hardware=cpu")
     assert preflight(cpu, 1).fits is None
-    with pytest.raises(SystemExit, match="without a device budget"):
+    with pytest.raises(UserError, match="without a device budget"):
         preflight(cfg_of("model=acestep15_turbo", "mode=full", "hardware=cpu"), 1)
 
 
@@ -103,14 +104,16 @@ def test_cli_prints_the_table_and_exits_by_verdict():
         return subprocess.run([sys.executable, "-m", "acestep_ft.preflight", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
-    refused = cli("mode=full", "hardware=24gb", "model=acestep15_turbo", *LONG)
-    assert refused.returncode == 1 and "DOES NOT FIT" in refused.stdout and "optimizer states" in refused.stdout
+    refused = cli("mode=full", "hardware=24gb", "model=acestep15_turbo", *LONG)  # the refusal: its report on stderr
+    assert refused.returncode == 1 and "DOES NOT FIT" in refused.stderr and "optimizer states" in refused.stderr
+    assert "Traceback" not in refused.stderr
     fits = cli("hardware=24gb", "model=acestep15_turbo", *LONG)
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout and "activations" in fits.stdout
     mixed = cli("mode=full", "hardware=a100", "model=acestep15_turbo", "--world-size", "8", "hardware.distributed=fsdp",
                 "hardware.gradient_checkpointing=1", *LONG)  # options between overrides, as in the README
     assert mixed.returncode == 0 and "8 process(es)" in mixed.stdout and "sharded / 8" in mixed.stdout
-    assert cli("mode.rnak=3").returncode != 0
+    typo = cli("mode.rnak=3")
+    assert typo.returncode == 2 and "mode.rnak" in typo.stderr and "Traceback" not in typo.stderr
 
 
 def test_train_applies_a_rewrite_and_records_it(tmp_path):
@@ -175,3 +178,48 @@ def test_fit_table_script_backs_the_readme_claim():
     readme = (ROOT / "README.md").read_text()
     assert all(row in readme for row in rows), "README table is stale: rerun scripts/preflight_table.py"
     assert "| acestep15_turbo | full 8-bit | fits" in proc.stdout  # full 2B on 24 GB with 8-bit AdamW
+
+
+FUSED = ["model=acestep15_turbo", "mode=full", "mode.i_understand_vram_risk=true", "hardware=a100",
+         "hardware.gradient_checkpointing=1", "hardware.batch_size=1", "preflight.policy=warn",
+         "preflight.overhead_gb=0", *LONG]
+
+
+def test_the_fused_adamw_suggestion_is_an_override_hydra_accepts():
+    """The suggestion's text, pasted on the command line, composes to the config the rewrite would train."""
+    cfg = cfg_of(*FUSED)
+    shape = data_shape(cfg)
+    fused = dict(rewrite_candidates(cfg, shape, 1))["fused AdamW"]
+    low, high = estimate_config(fused, shape, 1).total, estimate_config(cfg, shape, 1).total
+    assert low < high  # a budget between the two: only the fused step fits
+    budget = f"hardware.memory_gb={(low + high) / 2 / GIB}"
+    tight = cfg_of(*FUSED, budget)
+    verdict = preflight(tight, 1)
+    assert verdict.fits is False
+    line = next(s for s in verdict.suggestions if "up to 'fused AdamW'" in s)
+    assert "suggestion: " + line in verdict.report()
+    pasted = line.split("': ", 1)[1].split(" (preflight.policy=rewrite")[0].split()
+    assert pasted == ["+optim.optimizer.fused=true"]
+    composed = cfg_of(*FUSED, budget, *pasted)  # Hydra accepts it: `optimizer` has no `fused` key to override
+    assert composed.optim.optimizer["fused"] is True
+    assert config_diff(composed, dict(rewrite_candidates(tight, shape, 1))["fused AdamW"]) == []
+
+
+def test_every_rewrite_step_prints_overrides_that_compose_to_it():
+    """`config_overrides` of each rewrite step (EMA, checkpointing ratios, batch, fused, 8-bit, sharding, offload,
+    and removing a key) composes back to exactly that step's config."""
+    cases = [
+        ["model=acestep15_turbo", "hardware=a100", "hardware.batch_size=4", "hardware.max_frames_per_batch=0",
+         "hardware.gradient_checkpointing=0", "train.ema.enabled=true", *LONG],
+        ["model=acestep15_turbo", "mode=full", "hardware=a100", "hardware.gradient_checkpointing=1",
+         "hardware.batch_size=1", *LONG],
+        ["model=acestep15_turbo", "mode=full", "hardware=a100", "+optim.optimizer.fused=true", *LONG],
+    ]
+    seen = set()
+    for overrides in cases:
+        cfg = cfg_of(*overrides)
+        for name, candidate in rewrite_candidates(cfg, data_shape(cfg), 4):
+            pasted = config_overrides(cfg, candidate)
+            seen.update(p[0] for p in pasted)
+            assert flatten(cfg_of(*overrides, *pasted)) == flatten(candidate), (name, pasted)
+    assert seen >= {"+", "~", "h", "t", "o"}  # added, removed and changed keys all compose

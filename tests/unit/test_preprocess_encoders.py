@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from acestep_ft.config import HardwareConfig, PreprocessConfig
+from acestep_ft.errors import ConfigError
 from acestep_ft.preprocess.encoders import (Encoders, component_paths, context_latents, sample_latents, song_seed,
                                             tokenizer_digest, vae_posterior)
 from conftest import model_config
@@ -67,7 +68,9 @@ def test_digests_do_not_depend_on_the_compute_dtype_and_a_missing_model_path_is_
     assert tokenizer_digest(tok) == before
     tok.add_tokens(["newword"])
     assert tokenizer_digest(tok) != before
-    with pytest.raises(SystemExit, match="model.path is required"):
+    with pytest.raises(ConfigError, match="model.path is required"):
         component_paths(None, pre)
-    with pytest.raises(SystemExit, match="preprocess.vae_path"):
+    with pytest.raises(ConfigError, match="preprocess.vae_path"):
         component_paths(str(dit), replace(pre, vae_path=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="model.path"):  # a DiT directory that does not exist
+        component_paths(str(tmp_path / "nope" / "dit"), replace(pre, vae_path=str(dit.parent / "vae")))
