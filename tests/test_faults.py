@@ -192,3 +192,35 @@ def test_a_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tm
         assert "resumed from" in proc.stdout and len(losses(run_dir)) == 40
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_stop_step_when_only_one_is_signalled(tmp_path):
+    import psutil
+
+    common = ["hardware=cpu", "train.max_steps=30", "train.save_every=100", "dataset.num_samples=16",
+              "hardware.batch_size=2", "train.plot=false"]
+
+    def torchrun(run_dir, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                *common, *extra, f"hydra.run.dir={run_dir}"]
+
+    whole = subprocess.run(torchrun(tmp_path / "whole"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    parts = tmp_path / "parts"
+    proc = subprocess.Popen(torchrun(parts), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_steps(parts, proc, 3)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    (rank1,) = [p for p in workers if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGUSR1)  # rank 0 never sees the signal
+    out, err = proc.communicate(timeout=300)
+    (saved,) = list_checkpoints(parts)
+    step = int(saved.name.split("-")[1])
+    assert f"stopped by SIGUSR1 after step {step}: checkpoint saved" in out, out[-2000:] + err[-2000:]
+    assert manifest_problem(saved) is None and len(losses(parts)) == step
+    resumed = subprocess.run(torchrun(parts, "train.resume=auto"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(parts) == losses(tmp_path / "whole")

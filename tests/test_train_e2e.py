@@ -43,6 +43,12 @@ def test_golden_losses_and_artifacts(tmp_path):
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     assert (ckpt / "training_state.pt").exists() and (ckpt / "config.yaml").exists()
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert (tmp_path / ".hydra" / "config.yaml").exists() and not (tmp_path / "train.log").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, mode in [(ckpt, 0o777), (ckpt / "adapter" / "adapter_model.safetensors", 0o666),
+                       (tmp_path / "export", 0o777), (tmp_path / "metrics.jsonl", 0o666)]:
+        assert path.stat().st_mode & 0o777 == mode & ~umask, path  # readable by others as the umask allows
     record = read_metrics(tmp_path / "metrics.jsonl")[-1]
     for name in ("train/lr", "train/grad_norm", "perf/step_time_s", "perf/samples_per_s", "data/pad_frac",
                  "mem/host_peak_rss_gb"):
@@ -166,22 +172,6 @@ def test_experiment_grid_runs(tmp_path):
     assert len(jobs) == 4  # mode.rank x optim.lr
     ranks = {(j / ".hydra" / "overrides.yaml").read_text().count("mode.rank=16") for j in jobs}
     assert ranks == {0, 1}
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (["mode=full", "mode.rank=4"], "Key 'rank' not in 'FullMode'"),
-    (["dataset=preprocessed"], "dataset.path is required"),
-    (["train.save_every=0", "hardware.mixed_precision=fp16"], "train.save_every=0 must be >= 1"),
-    (["mode=full", "mode.unfreeze=[{module: condition_encoder, at_step: 5}]"], "encoder_hidden_states are precomputed"),
-    (["train.early_stop.patience=3"], "train.early_stop.patience needs a validation split"),
-    (["hardware.gradient_checkpointing=2.5"], "hardware.gradient_checkpointing=2.5"),
-])
-def test_bad_config_fails_fast_with_a_clear_message(tmp_path, overrides, message):
-    proc = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_two_process_cpu_run_resumes_exactly(tmp_path):
