@@ -25,6 +25,8 @@ so a reader maps a tensor straight from the file without parsing the tar or the 
     sample = src[i]                                  # tensors are views into an mmap of the shard (stored dtype)
 Sample tensors keep the stored dtype (collate converts to float32 while copying) and must not be modified in place:
 the private (copy-on-write) mapping keeps the file intact, but a changed view then fails its checksum on re-read.
+Shards must stay unchanged while open: each read checks the shard's current size (a DataError, not a SIGBUS, when it
+was truncated), but views already handed out still point into the mapping.
 """
 
 from __future__ import annotations
@@ -225,26 +227,44 @@ class V3Directory:
         self._maps: list[Optional[mmap.mmap]] = [None] * len(self.shards)
         self._fds: list[Optional[int]] = [None] * len(self.shards)
 
-    def _buffer(self, shard: int, off: int, length: int) -> tuple[object, int]:
-        """(buffer, its file offset): the whole shard's mmap, or a fresh bytearray read with pread."""
+    def _truncated(self, i: int, shard: int, size: int, end: int) -> DataError:
+        return data_error(self.root / self.shards[shard], f"sample '{self._names[i]}': shard truncated while the "
+                          "dataset was open", found=f"{size} bytes", expected=f"at least {end} bytes (index.jsonl)",
+                          fix="restore the shard (and leave shards unchanged while a run reads them), or " + _RECONVERT)
+
+    def _buffer(self, i: int, shard: int, off: int, length: int) -> tuple[object, int]:
+        """(buffer, its file offset) holding bytes [off, off + length) of sample i's shard: the whole shard's mmap,
+        or a fresh bytearray read with pread. DataError when the shard no longer holds them: `__init__` checked the
+        sizes, but a shard truncated since then would make a mapped read die with SIGBUS (touching a mapped page
+        past the file's end) instead of raising."""
         if self._pid != os.getpid():
             self._reset()
+        end = off + length
         if self.use_mmap:
             m = self._maps[shard]
             if m is None:
-                with open(self.root / self.shards[shard], "rb") as f:  # ACCESS_COPY: writable views, file untouched
+                with open(self.root / self.shards[shard], "rb") as f:
+                    size = os.fstat(f.fileno()).st_size  # mmap maps this size; an empty file cannot be mapped
+                    if size < end:
+                        raise self._truncated(i, shard, size, end)
+                    # ACCESS_COPY: writable views, file untouched.
                     m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # len(m): bytes mapped (the file's size when mapped); m.size(): the file's size now, one fstat on the
+            # fd the mmap keeps open itself (so no second fd per shard). Checked on every read, as it is the last
+            # chance to raise; a shard cut in the microseconds between this check and the read can still SIGBUS.
+            if len(m) < end or m.size() < end:
+                raise self._truncated(i, shard, min(len(m), m.size()), end)
             if _WILLNEED is not None:  # POSIX; Windows maps without it
                 # Ask for the whole member at once: page faults alone read a cold file in small readahead steps.
                 start = off - off % mmap.PAGESIZE
-                m.madvise(_WILLNEED, start, off + length - start)
+                m.madvise(_WILLNEED, start, end - start)
             return m, 0
         fd = self._fds[shard]
         if fd is None:
             fd = self._fds[shard] = os.open(self.root / self.shards[shard], os.O_RDONLY)
         buf = bytearray(length)
         if os.preadv(fd, [buf], off) != length:
-            raise data_error(self.root / self.shards[shard], "truncated while reading", fix=_RECONVERT)
+            raise self._truncated(i, shard, os.fstat(fd).st_size, end)
         return buf, off
 
     def __getitem__(self, i: int) -> Sample:
@@ -252,7 +272,7 @@ class V3Directory:
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples in {self.root}")
         shard, off, length, checksum, fields, _ = self._recs[i]
-        buf, base = self._buffer(shard, off, length)
+        buf, base = self._buffer(i, shard, off, length)
         if self.verify_checksums:
             with memoryview(buf) as view:
                 ok = self._hash(view[off - base: off - base + length]) == checksum
@@ -267,7 +287,7 @@ class V3Directory:
     def metadata(self, i: int) -> dict:
         """The sample's metadata dict (caption, lyrics, ...), from its json member."""
         shard, *_, (off, length) = self._recs[i]
-        buf, base = self._buffer(shard, off, length)
+        buf, base = self._buffer(i, shard, off, length)
         return json.loads(bytes(memoryview(buf)[off - base: off - base + length]))["metadata"]
 
     def __len__(self) -> int:
