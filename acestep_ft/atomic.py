@@ -2,6 +2,11 @@
 
 Readers (resume, official loaders) only ever see the old complete directory or the new complete one. Files are
 fsynced before the rename so a power cut cannot leave a renamed directory with empty files.
+
+`tempfile` makes its temp directories 0700 and temp files 0600; renamed into place as they are, checkpoints and
+exports would be unreadable to anyone else (an inference service running as another user). So the temp is chmodded
+to what a plain `mkdir`/`open` would give: 0o777 or 0o666 less the process umask, and so is everything written into
+a temp directory (some writers, e.g. safetensors' save_file, create 0600 files).
 """
 
 from __future__ import annotations
@@ -12,6 +17,20 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS shows it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)  # strict in the brief window before the restore, in case another thread creates a file
+    os.umask(old)
+    return old
 
 
 def fsync_path(path: Path) -> None:
@@ -33,9 +52,14 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
         yield tmp
-        for root, _, files in os.walk(tmp):
-            for name in files:
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(Path(root) / name, 0o777 & ~umask)
+            for name in files:  # some writers (safetensors) create 0600 files: make them what open() would give
+                os.chmod(Path(root) / name, 0o666 & ~umask)
                 fsync_path(Path(root) / name)
         if target.exists():  # swap: move the old one aside, rename the new one in, then delete the old
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -56,6 +80,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
