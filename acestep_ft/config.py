@@ -456,7 +456,8 @@ class TrainConfig:
     """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint / run directory path."""
     resume_strict: bool = True
     """Refuse to resume when the model, mode, data, optimizer, objective or batch setup differs from the checkpoint's;
-    false = continue with the new settings (optimizer hyperparameters and schedule are applied to the restored state)."""
+    false = continue with the new settings (optimizer hyperparameters and schedule are applied to the restored
+    state)."""
     overwrite: bool = False
     """Start fresh in a run directory that holds an earlier run, deleting its checkpoints, export, samples and metrics
     (without it such a directory is refused; train.resume=auto continues it instead)."""

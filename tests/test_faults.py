@@ -224,3 +224,15 @@ def test_two_processes_agree_on_the_stop_step_when_only_one_is_signalled(tmp_pat
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(parts) == losses(tmp_path / "whole")
+
+
+def test_a_non_finite_loss_halts_with_an_emergency_save_that_resumes(tmp_path):
+    proc = run(tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", status=1)  # diverges at step 2
+    assert "training halted: non-finite loss" in proc.stderr and "checkpoint step 1" in proc.stderr
+    (saved,) = list_checkpoints(tmp_path)
+    state = torch.load(saved / "training_state.pt", weights_only=False)
+    assert saved.name == "step-00000001" and "emergency save" in state["note"]
+    assert all(torch.isfinite(t).all() for t in state["optimizer"]["state"][0].values() if t.is_floating_point())
+    # the weights after that step 1 are finite but huge: a resume loads them (and says what they are) and halts again
+    proc = run(tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", "train.resume=auto", status=1)
+    assert "saved with a note: emergency save" in proc.stdout and "at step 2" in proc.stderr

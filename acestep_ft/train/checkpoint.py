@@ -169,7 +169,8 @@ def save_checkpoint(
     the trained weights (`adapter/` for LoRA, `model/` for full) into the checkpoint directory.
 
     Refuses (UserError "disk full") before writing when the disk has less free space than the previous checkpoint
-    took (or `expected_bytes` before the first one), and when a write fails for lack of space; the previous checkpoints stay intact.
+    took (or `expected_bytes` before the first one), and when a write fails for lack of space; the previous
+    checkpoints stay intact.
     """
     final = checkpoint_dir(run_dir, state.step)
     root = final.parent

@@ -97,94 +97,119 @@ def train_loop(
         acc.print(f"early stop: the resumed run had already stopped at step {step} (train.early_stop.patience="
                    f"{cfg.early_stop.patience}); raise the patience to continue")
         stop = step
-    while step < stop:
-        started = time.perf_counter()
-        step_loss, samples, frames, padded, waited, grad_norm = 0.0, 0, 0, 0, 0.0, float("nan")
-        applied, bad_keys = False, []
-        for _ in range(cfg.grad_accum):
-            batch, wait_s = parts.batches.next()
-            waited += wait_s
-            with acc.accumulate(parts.decoder):
-                loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
-                                          parts.timestep_mu, parts.timestep_sigma)
-                acc.backward(loss)
-                micro_loss = float(acc.reduce(loss.detach(), "mean"))  # collective: equal on every process
-                step_loss += micro_loss / cfg.grad_accum
-                bad_keys += [] if math.isfinite(micro_loss) else list(batch.keys)
-                if acc.sync_gradients:
-                    drop_held_grads(parts.held, step)  # weights whose unfreeze stage has not started yet
-                    norm = acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-                    grad_norm = float("nan") if norm is None else float(norm)  # DeepSpeed may not report one
-                    # fp16: the grad scaler itself skips steps with inf/nan gradients (and lowers its scale)
-                    grads_ok = norm is None or acc.scaler is not None or math.isfinite(grad_norm)
-                    if (math.isfinite(step_loss) and grads_ok) or not can_hold_back:
-                        parts.optimizer.step()
-                        applied = math.isfinite(step_loss) and grads_ok
-                parts.optimizer.zero_grad(set_to_none=True)
-            samples += len(batch.keys) * acc.num_processes
-            frames += int(batch.attention_mask.sum()) * acc.num_processes
-            padded += batch.attention_mask.numel() * acc.num_processes
-        if not applied:
-            parts.nonfinite_skips += 1
-            in_a_row += 1
-            what = (f"non-finite loss {step_loss} / gradient norm {grad_norm} at step {step + 1} (samples "
-                    f"{bad_keys or list(batch.keys)})")
-            if cfg.nonfinite == NonfinitePolicy.halt or in_a_row >= cfg.max_nonfinite_skips:
-                halt_on_nonfinite(parts, cfg, step, what, save if can_hold_back else None)
-            tqdm.write(f"{what}: step skipped, no update ({in_a_row} in a row, {parts.nonfinite_skips} in all; "
-                       f"train.nonfinite=skip halts at {cfg.max_nonfinite_skips} in a row)")
-        else:
-            in_a_row = 0
-            lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
-            lr = parts.scheduler.get_last_lr()[0]
-            step += 1
-            if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR in place
-                parts.scheduler.step()
-                if parts.ema is not None:
-                    parts.ema.update(step)
-            losses.append(step_loss)
-            elapsed = time.perf_counter() - started
-            metrics: Dict[str, float] = {}
-            if step % cfg.log_every == 0 or step == stop:
-                metrics = {
-                    "train/loss": step_loss,
-                    "train/lr": lr,  # the first group's
-                    **(lrs if len(lrs) > 1 else {}),
-                    "train/grad_norm": grad_norm,
-                    "perf/step_time_s": elapsed,
-                    "perf/samples_per_s": samples / elapsed,
-                    "perf/frames_per_s": frames / elapsed,
-                    "data/pad_frac": 1.0 - frames / padded,  # latent frames of the batch that are padding
-                    "data/stall_frac": waited / elapsed,  # share of the step spent waiting for input
-                    **peak_memory_gb(acc.device),
-                    **({"train/nonfinite_skips": parts.nonfinite_skips}
-                       if cfg.nonfinite == NonfinitePolicy.skip else {}),
-                }
-            improved = False
-            if parts.validate is not None and (step % val_every == 0 or step == cfg.max_steps):
-                val_loss = parts.validate()
-                improved = parts.early_stop.update(val_loss, step)
-                metrics.update({"val/loss": val_loss, "val/best": parts.early_stop.best})
-            if parts.generate is not None and sample_every and (step % sample_every == 0 or step == cfg.max_steps):
-                metrics.update(parts.generate(step))
-            if metrics:
-                sink.log(step, metrics)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-        stopping = parts.early_stop.should_stop
-        signalled = parts.stop.agreed(acc) if parts.stop is not None else None  # collective with several processes
-        if applied and (step % cfg.save_every == 0 or step == stop or improved or stopping) or signalled:
-            save(step, f"stopped by {signal.Signals(signalled).name}" if signalled else None)
-        if stopping:
-            acc.print(f"early stop at step {step}: no validation improvement of more than "
-                       f"{cfg.early_stop.min_delta} in {cfg.early_stop.patience} evaluations; best "
-                       f"{parts.early_stop.best:.6f} at step {parts.early_stop.best_step}")
-            break
-        if signalled:
-            acc.print(f"stopped by {signal.Signals(signalled).name} after step {step}: checkpoint saved")
-            break
-    bar.close()
+    with bar:  # closed on the way out, so an error message starts on its own line
+        while step < stop:
+            started = time.perf_counter()
+            out = accumulate_and_step(parts, cfg.grad_accum, params, grad_clip, step, can_hold_back)
+            step_loss, grad_norm, improved = out.loss, out.grad_norm, False
+            if not out.applied:
+                parts.nonfinite_skips += 1
+                in_a_row += 1
+                what = (f"non-finite loss {step_loss} / gradient norm {grad_norm} at step {step + 1} (samples "
+                        f"{out.bad_keys})")
+                if cfg.nonfinite == NonfinitePolicy.halt or in_a_row >= cfg.max_nonfinite_skips:
+                    halt_on_nonfinite(parts, cfg, step, what, save if can_hold_back else None)
+                tqdm.write(f"{what}: step skipped, no update ({in_a_row} in a row, {parts.nonfinite_skips} in all; "
+                           f"train.nonfinite=skip halts at {cfg.max_nonfinite_skips} in a row)")
+            else:
+                in_a_row = 0
+                lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
+                lr = parts.scheduler.get_last_lr()[0]
+                step += 1
+                if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an inf/nan step; keep the LR
+                    parts.scheduler.step()
+                    if parts.ema is not None:
+                        parts.ema.update(step)
+                losses.append(step_loss)
+                elapsed = time.perf_counter() - started
+                metrics: Dict[str, float] = {}
+                if step % cfg.log_every == 0 or step == stop:
+                    metrics = {
+                        "train/loss": step_loss,
+                        "train/lr": lr,  # the first group's
+                        **(lrs if len(lrs) > 1 else {}),
+                        "train/grad_norm": grad_norm,
+                        "perf/step_time_s": elapsed,
+                        "perf/samples_per_s": out.samples / elapsed,
+                        "perf/frames_per_s": out.frames / elapsed,
+                        "data/pad_frac": 1.0 - out.frames / out.padded,  # latent frames of the batch: padding
+                        "data/stall_frac": out.waited / elapsed,  # share of the step spent waiting for input
+                        **peak_memory_gb(acc.device),
+                        **({"train/nonfinite_skips": parts.nonfinite_skips}
+                           if cfg.nonfinite == NonfinitePolicy.skip else {}),
+                    }
+                if parts.validate is not None and (step % val_every == 0 or step == cfg.max_steps):
+                    val_loss = parts.validate()
+                    improved = parts.early_stop.update(val_loss, step)
+                    metrics.update({"val/loss": val_loss, "val/best": parts.early_stop.best})
+                if parts.generate is not None and sample_every and (step % sample_every == 0
+                                                                    or step == cfg.max_steps):
+                    metrics.update(parts.generate(step))
+                if metrics:
+                    sink.log(step, metrics)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+            stopping = parts.early_stop.should_stop
+            signalled = parts.stop.agreed(acc) if parts.stop is not None else None  # collective (processes agree)
+            if out.applied and (step % cfg.save_every == 0 or step == stop or improved or stopping) or signalled:
+                save(step, f"stopped by {signal.Signals(signalled).name}" if signalled else None)
+            if stopping:
+                acc.print(f"early stop at step {step}: no validation improvement of more than "
+                           f"{cfg.early_stop.min_delta} in {cfg.early_stop.patience} evaluations; best "
+                           f"{parts.early_stop.best:.6f} at step {parts.early_stop.best_step}")
+                break
+            if signalled:
+                acc.print(f"stopped by {signal.Signals(signalled).name} after step {step}: checkpoint saved")
+                break
     return losses
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step's worth of micro-batches."""
+
+    loss: float            # mean micro-batch loss, averaged over processes
+    grad_norm: float       # before clipping (nan when the strategy does not report it)
+    applied: bool          # False: a non-finite loss or gradient, the update was held back
+    bad_keys: List[str]    # samples of the non-finite micro-batches (else of the last one)
+    samples: int           # over all processes
+    frames: int            # real latent frames, over all processes
+    padded: int            # frames including padding, over all processes
+    waited: float          # seconds spent waiting for input
+
+
+def accumulate_and_step(parts: LoopParts, grad_accum: int, params: List[nn.Parameter], grad_clip: float,
+                        step: int, can_hold_back: bool) -> StepOutcome:
+    """`grad_accum` micro-batches -> backward -> clip -> optimizer step, unless the loss or the gradient norm is
+    non-finite (then the gradients are dropped and nothing is applied; DeepSpeed steps inside backward regardless).
+    The loss is reduced over processes per micro-batch, so every process takes the same decision."""
+    acc = parts.accelerator
+    out = StepOutcome(0.0, float("nan"), False, [], 0, 0, 0, 0.0)
+    for _ in range(grad_accum):
+        batch, wait_s = parts.batches.next()
+        out.waited += wait_s
+        with acc.accumulate(parts.decoder):
+            loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
+                                      parts.timestep_mu, parts.timestep_sigma)
+            acc.backward(loss)
+            micro_loss = float(acc.reduce(loss.detach(), "mean"))  # collective: equal on every process
+            out.loss += micro_loss / grad_accum
+            out.bad_keys += [] if math.isfinite(micro_loss) else list(batch.keys)
+            if acc.sync_gradients:
+                drop_held_grads(parts.held, step)  # weights whose unfreeze stage has not started yet
+                norm = acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+                out.grad_norm = float("nan") if norm is None else float(norm)  # DeepSpeed may not report one
+                # fp16: the grad scaler itself skips steps with inf/nan gradients (and lowers its scale)
+                grads_ok = norm is None or acc.scaler is not None or math.isfinite(out.grad_norm)
+                out.applied = math.isfinite(out.loss) and grads_ok
+                if out.applied or not can_hold_back:
+                    parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        out.samples += len(batch.keys) * acc.num_processes
+        out.frames += int(batch.attention_mask.sum()) * acc.num_processes
+        out.padded += batch.attention_mask.numel() * acc.num_processes
+    out.bad_keys = out.bad_keys or list(batch.keys)
+    return out
 
 
 def halt_on_nonfinite(parts: LoopParts, cfg: TrainConfig, step: int, what: str,
