@@ -286,7 +286,8 @@ class ParamGroupConfig:
     lr_mult: float = 1.0
     """Multiplier of optim.lr for this group."""
     weight_decay: Optional[float] = None
-    """Weight decay of the group's matrices; None = optim.weight_decay. Norms, biases, embeddings never decay."""
+    """Weight decay of the group's Linear / convolution weights; None = optim.weight_decay. Norms, biases, embedding
+    tables and adaLN tables take none (unless optim.decay_all)."""
 
 
 @dataclass

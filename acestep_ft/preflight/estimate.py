@@ -238,7 +238,7 @@ def _group_sizes(cfg: Config, ts: TrainSet) -> List[int]:
     for name, shape in ts.tensors:
         rel = name
         index = next((i for i, rx in enumerate(compiled) if rx.search(rel)), len(compiled))
-        decays = takes_weight_decay(name, torch.empty(shape, device="meta"))
+        decays = cfg.optim.decay_all or takes_weight_decay(name, torch.empty(shape, device="meta"))
         sizes[(index, decays)] = sizes.get((index, decays), 0) + math.prod(shape)
     return list(sizes.values())
 
