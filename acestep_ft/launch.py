@@ -5,7 +5,6 @@ that continues the run, and whether the launcher requeues jobs into the same dir
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -67,6 +66,3 @@ def write_record(run_dir: Path, record: Mapping[str, str]) -> None:
     for name, text in record.items():
         atomic_write_bytes(folder / name, text.encode())
 
-
-def several_processes() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1

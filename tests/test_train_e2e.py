@@ -77,8 +77,8 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
 
 
 def test_validation_early_stopping_keeps_the_best_checkpoint(tmp_path):
-    # lr 0: the weights never change, so the validation loss is flat and early stopping must trigger
-    proc = run_train(tmp_path, "optim.lr=0", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
+    # lr 1e-30: updates vanish below fp32 resolution, the weights never change, so the validation loss is flat and early stopping must trigger
+    proc = run_train(tmp_path, "optim.lr=1e-30", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
                      "dataset.val_fraction=0.25", "train.val_every=2", "train.early_stop.patience=2",
                      "train.plot=false")
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -89,7 +89,7 @@ def test_validation_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert best["step"] == 2
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step-00000002", "step-00000006"]  # the best survives keep_last=1
-    proc = run_train(tmp_path, "optim.lr=0", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
+    proc = run_train(tmp_path, "optim.lr=1e-30", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
                      "dataset.val_fraction=0.25", "train.val_every=2", "train.early_stop.patience=2",
                      "train.plot=false", "train.resume=auto")
     assert "had already stopped at step 6" in proc.stdout and len(losses(tmp_path)) == 6

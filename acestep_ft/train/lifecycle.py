@@ -112,7 +112,7 @@ def choose_checkpoint(resume: Optional[str], run_dir: Path) -> Tuple[Optional[Pa
     if resume is None:
         return None, []
     given = Path(resume).expanduser() if resume != "auto" else None
-    if given is not None and (given / STATE_FILE).exists() or given is not None and given.name.startswith(PREFIX):
+    if given is not None and ((given / STATE_FILE).exists() or given.name.startswith(PREFIX)):  # one checkpoint
         problem = manifest_problem(given) if given.is_dir() else "not a directory"
         if problem:
             raise UserError(damaged(given, problem))
