@@ -64,6 +64,7 @@ def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_training_on_v3_and_pt_gives_the_same_losses_and_the_fingerprint_gates(tmp_path):
     torch.manual_seed(0)  # the digest the training run computes: train.seed=0 -> seed 0 before the tiny init
     digest = condition_encoder_digest(load_model(model_config("tiny")))

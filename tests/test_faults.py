@@ -64,7 +64,8 @@ def baseline(tmp_path_factory):
     return losses(run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_saves_after_the_step_and_the_printed_command_resumes_exactly(tmp_path, baseline, sig):
     proc = subprocess.Popen(command(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -155,6 +156,7 @@ def test_non_strict_resume_trains_with_the_changed_optimizer_settings(tmp_path):
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.5}  # what the config claims
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_and_deletions_never_leaves_a_broken_checkpoint(tmp_path, baseline):
     # a checkpoint every step, one kept: the run spends most of its time writing and deleting checkpoints
     args = ["train.save_every=1", "train.keep_last=1"]

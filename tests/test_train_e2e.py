@@ -56,7 +56,7 @@ def test_golden_losses_and_artifacts(tmp_path):
     assert 0.0 <= record["data/pad_frac"] < 1.0
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
     common = [f"mode={mode}", "train.max_steps=8", "train.save_every=4", "dataset.num_samples=6",
               "hardware.batch_size=2", "train.grad_accum=2", "train.plot=false", "train.ema.enabled=true"]
@@ -151,6 +151,7 @@ def run_quick(tmp: Path, *args: str, multirun: bool = False) -> subprocess.Compl
     return proc
 
 
+@pytest.mark.slow
 def test_wandb_offline_and_tensorboard(tmp_path):
     run_quick(tmp_path / "wb", "logger=wandb")
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "no offline wandb run written"
@@ -174,6 +175,7 @@ def test_experiment_grid_runs(tmp_path):
     assert ranks == {0, 1}
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_resumes_exactly(tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank keeps its own RNG stream through a stop and resume."""
     common = ["hardware=cpu", "train.max_steps=6", "train.save_every=3", "dataset.num_samples=10", "hardware.batch_size=2",

@@ -99,6 +99,7 @@ def test_rewrite_files(tmp_path):
     assert "verdict: fits" in (tmp_path / "preflight" / "estimate.txt").read_text()
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_exits_by_verdict():
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "acestep_ft.preflight", *args], cwd=ROOT, capture_output=True,
