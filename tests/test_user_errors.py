@@ -128,7 +128,7 @@ def checked(tmp_path, *overrides):
     (["model.path=/nonexistent/dir"], "model.path=/nonexistent/dir does not exist"),
     (["hardware.distributed=fsdp"], "hardware.distributed=fsdp needs a CUDA GPU"),
     (["train.nonfinite=skip", "train.max_nonfinite_skips=0"], "train.max_nonfinite_skips=0 must be >= 1"),
-    (["train.resume=/nonexistent/run"], "no checkpoint there"),
+    (["train.resume=/nonexistent/run"], "train.resume=/nonexistent/run does not exist"),
     (["train.resume=auto", "train.overwrite=true"], "choose one"),
 ])
 def test_config_check_messages(tmp_path, overrides, message):

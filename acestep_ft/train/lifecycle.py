@@ -112,8 +112,11 @@ def choose_checkpoint(resume: Optional[str], run_dir: Path) -> Tuple[Optional[Pa
     if resume is None:
         return None, []
     given = Path(resume).expanduser() if resume != "auto" else None
+    if given is not None and not given.exists():
+        raise ConfigError(f"train.resume={resume} does not exist; give a checkpoint directory "
+                          "(<run>/checkpoints/step-N), a run directory, or train.resume=auto")
     if given is not None and ((given / STATE_FILE).exists() or given.name.startswith(PREFIX)):  # one checkpoint
-        problem = manifest_problem(given) if given.is_dir() else "not a directory"
+        problem = manifest_problem(given) if given.is_dir() else "it is not a directory"
         if problem:
             raise UserError(damaged(given, problem))
         return given, [] if has_manifest(given) else [unverified(given)]

@@ -152,8 +152,10 @@ def test_changed_data_fingerprint_is_refused_unless_not_strict(tmp_path):
 def test_resume_paths(tmp_path):
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
-    with pytest.raises(UserError, match="no checkpoint there"):
+    with pytest.raises(UserError, match="nope does not exist"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(UserError, match="no checkpoint there"):
+        resolve_resume(str(tmp_path), tmp_path)  # a directory without checkpoints
 
 
 def test_resume_into_another_setup_is_refused(tmp_path):
