@@ -8,6 +8,8 @@
 Exit status: 0 done, 1 refused or failed, 2 usage / config error, 128+N stopped by signal N after saving a checkpoint.
 """
 
+import sys
+
 import hydra
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -23,13 +25,16 @@ def main(cfg) -> None:
     global started
     started = True
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from acestep_ft.errors import ConfigError, reported_errors
     from acestep_ft.launch import from_hydra
     from acestep_ft.run import train
-    from acestep_ft.train.lifecycle import stop_status
+    from acestep_ft.train.lifecycle import PipeSafe, stop_status
 
-    with reported_errors():
+    if not isinstance(sys.stdout, PipeSafe):  # a closed pipe must not stop a save (multirun: once)
+        sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+    with reported_errors(keep_going=HydraConfig.get().mode == RunMode.MULTIRUN):
         try:
             typed = OmegaConf.to_object(cfg)
         except MissingMandatoryValue as err:

@@ -58,13 +58,12 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
         problems.append("optim.weight_decay and optim.grad_clip must be >= 0 (grad_clip 0 = no clipping).")
     if cfg.train.nonfinite == NonfinitePolicy.skip and cfg.train.max_nonfinite_skips < 1:
         problems.append(f"train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} must be >= 1.")
-    if (cfg.train.nonfinite == NonfinitePolicy.skip and cfg.hardware.distributed == Distributed.deepspeed
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if cfg.train.nonfinite == NonfinitePolicy.skip and cfg.hardware.distributed == Distributed.deepspeed:
         problems.append("train.nonfinite=skip cannot hold a step back under hardware.distributed=deepspeed (DeepSpeed "
                         "applies the update inside backward): use train.nonfinite=halt.")
-    if requeued and cfg.train.resume is None:
-        problems.append("this launcher requeues preempted and timed-out jobs into the same run directory: add "
-                        "train.resume=auto so that a requeued job continues from its checkpoint.")
+    if requeued and cfg.train.resume != "auto":
+        problems.append("this launcher requeues preempted and timed-out jobs into the same run directory: use "
+                        "train.resume=auto, so that a requeued job continues from its newest checkpoint.")
     if isinstance(cfg.dataset, PreprocessedDataset) and not Path(os.path.expanduser(cfg.dataset.path)).exists():
         problems.append(f"dataset.path={cfg.dataset.path} does not exist: give the preprocessed tensor directory.")
     for name, value in [("train.max_steps", cfg.train.max_steps), ("train.grad_accum", cfg.train.grad_accum),
@@ -97,12 +96,13 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
             problems.append(f"mode.target_modules {missing} match no Linear layer of the decoder; valid names "
                             "include q_proj, k_proj, v_proj, o_proj (self_attn./cross_attn. prefixes allowed), "
                             "gate_proj, up_proj, down_proj, condition_embedder.")
-    relaunch = relaunch_problem(run_dir, cfg.train)
-    if relaunch:
-        problems.append(relaunch)
     if problems:
         raise ConfigError("Config check failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    return choose_checkpoint(cfg.train.resume, run_dir)
+    resume_from, notes = choose_checkpoint(cfg.train.resume, run_dir)
+    relaunch = relaunch_problem(run_dir, cfg.train, resume_from)
+    if relaunch:
+        raise ConfigError(relaunch)
+    return resume_from, notes
 
 
 def model_path_problems(path: Optional[str]) -> List[str]:

@@ -44,15 +44,18 @@ def show_tracebacks() -> bool:
 
 
 @contextmanager
-def reported_errors() -> Iterator[None]:
+def reported_errors(keep_going: bool = False) -> Iterator[None]:
     """Turn a UserError into its message on stderr and its exit status, and Ctrl-C into exit 130, without a
-    traceback (unless HYDRA_FULL_ERROR=1)."""
+    traceback (unless HYDRA_FULL_ERROR=1). `keep_going` (a job of a Hydra multirun): print the message, then raise
+    the error on, so the launcher records this job as failed and runs the others."""
     try:
         yield
     except UserError as err:
         if show_tracebacks():
             traceback.print_exc()
         print(f"Error: {err}", file=sys.stderr, flush=True)
+        if keep_going:
+            raise
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt:
         if show_tracebacks():

@@ -17,7 +17,7 @@ from acestep_ft.atomic import atomic_write_bytes
 
 RECORD_DIR = ".hydra"
 # overrides that the continue command sets itself
-_REPLACED = ("train.resume=", "train.overwrite=", "hydra.run.dir=", "hydra.sweep.dir=", "hydra.sweep.subdir=")
+_REPLACED = ("train.resume=", "train.overwrite=")
 
 
 @dataclass
@@ -31,8 +31,10 @@ class Launch:
     requeues: bool = False  # the launcher requeues preempted jobs into the same run directory
 
     def continue_command(self, run_dir: Path) -> str:
-        """The command line that continues this run from its newest checkpoint."""
-        words = self.command + ["train.resume=auto", f"hydra.run.dir={run_dir}"]
+        """The command line that continues this run from its newest checkpoint (the run directory quoted for Hydra,
+        then every word for the shell: sweep job directories hold '=' and ',')."""
+        quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+        words = self.command + ["train.resume=auto", f"hydra.run.dir='{quoted}'"]
         return " ".join(shlex.quote(str(word)) for word in words)
 
 
@@ -53,7 +55,8 @@ def from_hydra(cfg: Any, hydra_cfg: Any) -> Launch:
         "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))),
     }
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
-    return Launch(choices=choices, record=record, command=["python", Path(sys.argv[0]).name, *config_args, *task],
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else "train.py"  # not a launcher's own script
+    return Launch(choices=choices, record=record, command=["python", script, *config_args, *task],
                   requeues="submitit" in target and "Slurm" in target)
 
 

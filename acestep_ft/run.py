@@ -47,7 +47,7 @@ from acestep_ft.train.checkpoint import (
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents, validation_loss
-from acestep_ft.train.lifecycle import StopSignals, prepare_run_dir, stop_status
+from acestep_ft.train.lifecycle import StopSignals, lock_run_dir, prepare_run_dir, stop_status
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
@@ -227,9 +227,10 @@ def train(cfg: Config, run_dir: Path | str, launch: Optional[Launch] = None) -> 
     say("memory preflight:\n" + verdict.report())
     original, cfg = cfg, verdict.cfg
     state = check_resume_config(cfg, resume_from, world_size_from_env(), say) if resume_from is not None else None
+    lock = None
     if main_process:  # the run is accepted: from here on it may change the directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_run_dir(run_dir, cfg.train.overwrite, say)
+        lock = lock_run_dir(run_dir)  # held until this process ends
+        prepare_run_dir(run_dir, cfg.train.overwrite, resume_from, say)
         write_record(run_dir, launch.record)
         if verdict.changes:
             write_rewrite(run_dir, original, verdict)
@@ -250,17 +251,25 @@ def train(cfg: Config, run_dir: Path | str, launch: Optional[Launch] = None) -> 
             raise
         raise UserError(f"disk full while writing {err.filename or run_dir}: free space there, then continue with "
                         f"train.resume=auto (checkpoints already written are complete).") from err
+    handed_on: Optional[BaseException] = None
+    if stop.agreed_signum is not None:
+        say(f"stopped by signal (exit status {stop_status(stop.agreed_signum)}); continue with:\n  "
+            f"{launch.continue_command(run_dir)}"
+            + ("\n  (with the same launcher and number of processes)" if world_size_from_env() > 1 else ""))
+        try:  # before the teardown barrier: no process exits before submitit's handler (rank 0) has requeued
+            stop.hand_on()
+        except BaseException as err:  # that handler ends the process: after the teardown
+            handed_on = err
     # Tear down in order on every process: _train's DDP wrapper and optimizer are freed by now, then all ranks meet
     # and drop the process group together. A gloo rank whose peer already exited can hang in the destructor.
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    if stop.agreed_signum is not None:
-        say(f"stopped by signal (exit status {stop_status(stop.agreed_signum)}); continue with:\n  "
-            f"{launch.continue_command(run_dir)}"
-            + ("\n  (with the same launcher and number of processes)" if world_size_from_env() > 1 else ""))
-        stop.hand_on()
+    if lock is not None:
+        lock.close()
+    if handed_on is not None:
+        raise handed_on
     return RunResult(losses, stop.agreed_signum)
 
 
@@ -353,18 +362,20 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
         rngs = gather_object([capture_rng(acc.device)])
         weights = gathered_weights(acc, decoder)
         optimizer_state = optimizer_state_dict(acc, decoder, optimizer)
-        failure = [None]
+        failure, error, path = [None], None, None
         if acc.is_main_process:
             try:
                 path = write_checkpoint(step, note, rngs, weights, optimizer_state)
-                best = early_stop.best_step == step
-                tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if best else "")
-                           + (f" ({note})" if note else ""))
-            except UserError as err:  # e.g. disk full: every process must stop, not wait for this one
-                failure = [str(err)]
+            except Exception as err:  # e.g. disk full: every process must stop, not wait for this one
+                failure, error = [f"{type(err).__name__}: {err}"], err
         failure = broadcast_object_list(failure)
+        if error is not None:
+            raise error
         if failure[0] is not None:
-            raise UserError(failure[0])
+            raise UserError(f"the main process could not save the checkpoint of step {step}: {failure[0]}")
+        if path is not None:
+            tqdm.write(f"checkpoint: {path}" + (" (best validation loss so far)" if early_stop.best_step == step
+                                                else "") + (f" ({note})" if note else ""))
         acc.wait_for_everyone()
 
     def write_checkpoint(step: int, note: Optional[str], rngs: List, weights: Optional[Dict],
@@ -378,7 +389,8 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           ema=ema.state_dict() if ema is not None else None,
                           early_stop=early_stop.state_dict() if val_source is not None else None,
-                          data_fingerprint=data_digest, nonfinite_skips=parts.nonfinite_skips, note=note),
+                          data_fingerprint=data_digest, nonfinite_skips=parts.nonfinite_skips,
+                          nonfinite_in_a_row=parts.nonfinite_in_a_row, note=note),
             lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights),
             config_yaml=config_yaml,
             keep_last=cfg.train.keep_last,
@@ -392,7 +404,8 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     validate, generate = evaluation_hooks(cfg, acc, decoder, ema, train_source, val_source, run_dir, sink)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch, validate,
-                      early_stop, generate, stop, state.nonfinite_skips if state is not None else 0)
+                      early_stop, generate, stop, *((state.nonfinite_skips, state.nonfinite_in_a_row)
+                                                    if state is not None else (0, 0)))
     stop.install()
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)

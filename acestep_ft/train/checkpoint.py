@@ -64,6 +64,7 @@ class TrainingState:
     early_stop: Optional[Dict[str, Any]] = None  # EarlyStopping.state_dict() when there is a validation split
     data_fingerprint: Optional[str] = None   # digest of the dataset's fingerprint.json (None: data without one)
     nonfinite_skips: int = 0                 # optimizer steps dropped so far for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0              # ... of which the latest in a row (train.nonfinite=skip halts on these)
     note: Optional[str] = None               # why this checkpoint was written outside the schedule (signal, halt)
 
 
@@ -188,12 +189,14 @@ def save_checkpoint(
             write_manifest(tmp)
     except (OSError, RuntimeError) as err:
         free = shutil.disk_usage(root).free
-        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < max(need, 2**20):
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err)
+        # torch.save reports a full disk as "file write failed" without an errno: judge by the space left
+        if full or free < max(need, 2**20):
             raise UserError(disk_full(root, need, free, previous, while_writing=True)) from err
         raise
     if best is not None and best[0] == state.step:
         mark_best(run_dir, *best)
-    protect = {keep_step, (read_best(run_dir) or {}).get("step")}
+    protect = {state.step, keep_step, (read_best(run_dir) or {}).get("step")}
     prune_checkpoints(run_dir, keep_last, protect)
     return final
 
@@ -201,8 +204,8 @@ def save_checkpoint(
 def disk_full(root: Path, need: int, free: int, previous: Sequence[Path], while_writing: bool = False) -> str:
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     what = "disk full while writing a checkpoint" if while_writing else "disk full: not enough space for a checkpoint"
-    return (f"{what} in {root}: it needs about {need / GIB:.2f} GiB, {free / GIB:.2f} GiB are free; {kept}. Free "
-            "space there (or lower train.keep_last), then continue with train.resume=auto.")
+    return (f"{what} in {root}: a checkpoint needs about {need / GIB:.2f} GiB, {free / GIB:.2f} GiB are free; {kept}. "
+            "Free space there, then continue with train.resume=auto.")
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, protect: set) -> None:
@@ -299,7 +302,8 @@ def check_resume(state: TrainingState, path: Path, mode: str, config: Dict[str, 
     saved_groups = group_layout(state.optimizer)
     if not problems and saved_groups is not None and saved_groups != groups:
         problems.append(f"optimizer parameter groups (name, tensors): checkpoint {saved_groups}, now {groups} "
-                        "(optim.param_groups or the trained set changed)")
+                        "(optim.param_groups, optim.decay_all or the trained set changed, or the checkpoint predates "
+                        "weight decay by layer type: Linear time_embed / condition_embedder weights now decay)")
     if problems:
         raise UserError(f"cannot resume from {path}: " + "; ".join(problems) + ". Resume with the config the run was "
                         "started with (see its config.yaml), or start a fresh run in another hydra.run.dir.")
@@ -353,6 +357,9 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any,
             changes.append(f"{name}: base lr {scheduler.base_lrs[i]:.6g} -> {base:.6g}")
             scheduler.base_lrs[i] = base
             group["initial_lr"] = base
-            group["lr"] = base * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        lr = base * scheduler.lr_lambdas[i](scheduler.last_epoch)  # the configured schedule at the restored step
+        if group["lr"] != lr:
+            changes.append(f"{name}: lr now {group['lr']:.6g} -> {lr:.6g} (schedule)")
+            group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return changes

@@ -51,6 +51,7 @@ class LoopParts:
     generate: Optional[Callable[[int], Dict[str, float]]] = None  # sample latents at a step; returns metrics
     stop: Optional[StopSignals] = None  # stop requests by signal (None: signals keep their default action)
     nonfinite_skips: int = 0           # non-finite steps dropped so far (restored on resume)
+    nonfinite_in_a_row: int = 0        # of those, the latest consecutive ones (restored on resume)
 
 
 def peak_memory_gb(device: torch.device) -> Dict[str, float]:
@@ -92,7 +93,7 @@ def train_loop(
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train",
                unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     parts.decoder.train()
-    step, in_a_row = start_step, 0
+    step, saved_at = start_step, None
     if parts.early_stop.should_stop:
         acc.print(f"early stop: the resumed run had already stopped at step {step} (train.early_stop.patience="
                    f"{cfg.early_stop.patience}); raise the patience to continue")
@@ -104,15 +105,18 @@ def train_loop(
             step_loss, grad_norm, improved = out.loss, out.grad_norm, False
             if not out.applied:
                 parts.nonfinite_skips += 1
-                in_a_row += 1
+                parts.nonfinite_in_a_row += 1
                 what = (f"non-finite loss {step_loss} / gradient norm {grad_norm} at step {step + 1} (samples "
                         f"{out.bad_keys})")
-                if cfg.nonfinite == NonfinitePolicy.halt or in_a_row >= cfg.max_nonfinite_skips:
-                    halt_on_nonfinite(parts, cfg, step, what, save if can_hold_back else None)
-                tqdm.write(f"{what}: step skipped, no update ({in_a_row} in a row, {parts.nonfinite_skips} in all; "
-                           f"train.nonfinite=skip halts at {cfg.max_nonfinite_skips} in a row)")
+                if cfg.nonfinite == NonfinitePolicy.halt or parts.nonfinite_in_a_row >= cfg.max_nonfinite_skips:
+                    # the checkpoint of this step, when one was just written, is the last finite state already
+                    halt_on_nonfinite(parts, cfg, step, what, save if can_hold_back and saved_at != step else None,
+                                      saved_at == step)
+                tqdm.write(f"{what}: step skipped, no update ({parts.nonfinite_in_a_row} in a row, "
+                           f"{parts.nonfinite_skips} in all; train.nonfinite=skip halts at {cfg.max_nonfinite_skips} "
+                           "in a row)")
             else:
-                in_a_row = 0
+                parts.nonfinite_in_a_row = 0
                 lrs = {f"train/lr/{g['name']}": g["lr"] for g in parts.optimizer.param_groups}
                 lr = parts.scheduler.get_last_lr()[0]
                 step += 1
@@ -153,6 +157,7 @@ def train_loop(
             signalled = parts.stop.agreed(acc) if parts.stop is not None else None  # collective (processes agree)
             if out.applied and (step % cfg.save_every == 0 or step == stop or improved or stopping) or signalled:
                 save(step, f"stopped by {signal.Signals(signalled).name}" if signalled else None)
+                saved_at = step
             if stopping:
                 acc.print(f"early stop at step {step}: no validation improvement of more than "
                            f"{cfg.early_stop.min_delta} in {cfg.early_stop.patience} evaluations; best "
@@ -204,6 +209,8 @@ def accumulate_and_step(parts: LoopParts, grad_accum: int, params: List[nn.Param
                 out.applied = math.isfinite(out.loss) and grads_ok
                 if out.applied or not can_hold_back:
                     parts.optimizer.step()
+                elif acc.scaler is not None:  # clipping unscaled the gradients: close the scaler's step as its
+                    acc.scaler.update()       # own inf/nan skip would (and lower the scale)
             parts.optimizer.zero_grad(set_to_none=True)
         out.samples += len(batch.keys) * acc.num_processes
         out.frames += int(batch.attention_mask.sum()) * acc.num_processes
@@ -213,18 +220,25 @@ def accumulate_and_step(parts: LoopParts, grad_accum: int, params: List[nn.Param
 
 
 def halt_on_nonfinite(parts: LoopParts, cfg: TrainConfig, step: int, what: str,
-                      save: Optional[Callable[[int, Optional[str]], None]]) -> None:
+                      save: Optional[Callable[[int, Optional[str]], None]], saved: bool = False) -> None:
     """Stop the run on a non-finite step: save the last finite state (the weights after `step`, which the bad step
-    never touched) as a checkpoint noted as an emergency save, then raise UserError saying what to try."""
+    never touched) as a checkpoint noted as an emergency save, unless `saved` (the checkpoint of `step` was written
+    just before the bad step, with the data position before it), then raise UserError saying what to try."""
     if save is not None:
         save(step, f"emergency save: halted on a {what}; the weights are those after step {step}, the data position "
                    "is after the failing batch")
-    saved = (f"The last finite state is saved as checkpoint step {step} (its note says so); resuming from it continues "
-             "after the failing batch." if save is not None else "The last good checkpoint is in the run directory.")
+    if saved:
+        where = (f"The last finite state is checkpoint step {step}, saved just before the failing step; resuming "
+                 "from it repeats that step.")
+    elif save is not None:
+        where = (f"The last finite state is saved as checkpoint step {step} (its note says so); resuming from it "
+                 "continues after the failing batch.")
+    else:
+        where = "The last good checkpoint is in the run directory (DeepSpeed applied the step)."
     why = (f"{cfg.max_nonfinite_skips} non-finite steps in a row (train.nonfinite=skip)"
            if cfg.nonfinite == NonfinitePolicy.skip else "train.nonfinite=halt")
     raise UserError(
-        f"training halted: {what}; {why}. {saved} If the data may hold NaN/Inf, check it with `python -m "
+        f"training halted: {what}; {why}. {where} If the data may hold NaN/Inf, check it with `python -m "
         "acestep_ft.data.validate --dataset-dir DIR`; otherwise lower optim.lr (with train.resume=auto "
         "train.resume_strict=false), keep optim.grad_clip > 0, use hardware.mixed_precision=bf16 instead of fp16, or "
         "train.nonfinite=skip to drop such steps.")

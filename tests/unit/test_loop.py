@@ -105,3 +105,35 @@ def test_a_stop_request_saves_after_the_current_step_and_leaves():
     finally:
         parts.batches.close()
     assert len(losses) == 3 and saves == [(2, None), (3, "stopped by SIGUSR1")] and stop.agreed_signum == signal.SIGUSR1
+
+
+def test_a_held_back_fp16_step_closes_the_grad_scaler_step(monkeypatch):
+    """fp16: clipping unscales the gradients; a held-back step must still update the scaler, or the next step's
+    unscale fails ("unscale_() has already been called"). A CPU GradScaler stands in for CUDA's."""
+    from types import SimpleNamespace
+
+    import acestep_ft.train.loop as loop
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a singleton: earlier tests set "no"
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu"), True
+    model = torch.nn.Linear(4, 1)
+    model, optimizer = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    calls = []
+
+    def loss_nan_first(decoder, *args):
+        calls.append(1)
+        out = decoder(torch.randn(2, 4)).mean()
+        return out * float("nan") if len(calls) == 1 else out
+
+    monkeypatch.setattr(loop, "flow_matching_loss", loss_nan_first)
+    batches = SimpleNamespace(next=lambda: (SimpleNamespace(keys=["a", "b"], attention_mask=torch.ones(2, 3)), 0.0))
+    parts = SimpleNamespace(accelerator=acc, batches=batches, decoder=model, null_embedding=None, objective=None,
+                            timestep_mu=0.0, timestep_sigma=1.0, held=[], optimizer=optimizer)
+    scale = acc.scaler.get_scale()
+    first = loop.accumulate_and_step(parts, 1, list(model.parameters()), 1.0, 0, True)
+    second = loop.accumulate_and_step(parts, 1, list(model.parameters()), 1.0, 0, True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert not first.applied and second.applied and acc.scaler.get_scale() < scale
