@@ -18,6 +18,7 @@ from acestep_ft.config import register_configs
 
 register_configs()
 started = False  # whether Hydra composed the config and called main (else its SystemExit(1) is a usage error)
+failed_jobs = []  # (job number, exit status) of the jobs of an in-process multirun that stopped on a user error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -27,20 +28,27 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from acestep_ft.errors import ConfigError, reported_errors
+    from acestep_ft.errors import ConfigError, UserError, reported_errors
     from acestep_ft.launch import from_hydra
     from acestep_ft.run import train
     from acestep_ft.train.lifecycle import PipeSafe, stop_status
 
-    if not isinstance(sys.stdout, PipeSafe):  # a closed pipe must not stop a save (multirun: once)
+    if not isinstance(sys.stdout, PipeSafe):  # a closed pipe must not stop a save (multirun: wrap once)
         sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
-    with reported_errors(keep_going=HydraConfig.get().mode == RunMode.MULTIRUN):
-        try:
-            typed = OmegaConf.to_object(cfg)
-        except MissingMandatoryValue as err:
-            raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
-        hydra_cfg = HydraConfig.get()
-        result = train(typed, hydra_cfg.runtime.output_dir, from_hydra(cfg, hydra_cfg))
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        with reported_errors(keep_going=sweep):  # a sweep job prints its message; the other jobs still run
+            try:
+                typed = OmegaConf.to_object(cfg)
+            except MissingMandatoryValue as err:
+                raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
+            result = train(typed, hydra_cfg.runtime.output_dir, from_hydra(cfg, hydra_cfg))
+    except UserError as err:
+        if "BasicLauncher" not in str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")):
+            raise  # another process's launcher (submitit) records the failure itself
+        failed_jobs.append((hydra_cfg.job.num, err.exit_code))
+        return
     if result.stopped_by is not None:
         raise SystemExit(stop_status(result.stopped_by))
 
@@ -50,3 +58,7 @@ if __name__ == "__main__":
         main()
     except SystemExit as exit_:
         raise SystemExit(2 if exit_.code == 1 and not started else exit_.code) from None
+    if failed_jobs:
+        print(f"{len(failed_jobs)} job(s) of the sweep failed (their messages are above): "
+              + ", ".join(f"#{num}" for num, _ in failed_jobs), file=sys.stderr)
+        raise SystemExit(max(status for _, status in failed_jobs))

@@ -139,3 +139,12 @@ def test_a_model_path_without_config_json_is_caught_before_loading(tmp_path):
     (tmp_path / "weights").mkdir()
     message = checked(tmp_path, "model=acestep15_turbo", f"model.path={tmp_path / 'weights'}")
     assert "has no config.json" in message
+
+
+def test_a_failing_sweep_job_fails_alone(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "-m", "hardware=cpu", "train.max_steps=2", "train.plot=false",
+                           "optim.lr=0,1e-3", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "optim.lr=0.0 must be > 0" in proc.stderr and "1 job(s) of the sweep failed" in proc.stderr
+    assert [p.name.split("_")[0] for p in tmp_path.iterdir() if (p / "export").is_dir()] == ["1"]  # job 1 still ran
