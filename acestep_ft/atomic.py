@@ -88,3 +88,18 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+TRASH_PREFIX = ".trash-"
+
+
+def delete_via_trash(path: Path | str) -> None:
+    """Rename `path` to a hidden trash name beside it, then delete it: a kill midway never leaves a half-deleted
+    visible entry (a hidden `.trash-*` one is left instead, which the next run start removes)."""
+    path = Path(path)
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)

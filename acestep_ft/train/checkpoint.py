@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from acestep_ft.atomic import atomic_directory, atomic_write_bytes
+from acestep_ft.atomic import atomic_directory, atomic_write_bytes, delete_via_trash
 from acestep_ft.digest import ALGORITHM, file_digest
 from acestep_ft.errors import UserError
 from acestep_ft.train.trainable import load_adapter_weights, trainable_state_dict
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
 PREFIX = "step-"
-TRASH_PREFIX = ".trash-"
 GIB = 2**30
 
 
@@ -109,14 +107,13 @@ def step_of(path: Path) -> int:
 
 
 # -- manifest: sizes and digests of every file, written last ----------------------------------------------------
-def write_manifest(directory: Path) -> int:
-    """manifest.json over every other file below `directory`; returns their total size in bytes."""
+def write_manifest(directory: Path) -> None:
+    """manifest.json over every other file below `directory` (their sizes also tell the next save what it needs)."""
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, ALGORITHM: file_digest(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
     record = {"format": 1, "files": files}
     (directory / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    return sum(f["bytes"] for f in files.values())
 
 
 def manifest_problem(directory: Path) -> Optional[str]:
@@ -209,13 +206,11 @@ def disk_full(root: Path, need: int, free: int, previous: Sequence[Path], while_
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, protect: set) -> None:
-    """Delete all but the newest `keep_last` checkpoints (0 = keep all) and those whose step is in `protect`. Each is
-    renamed to a hidden trash name first, so a kill mid-delete never leaves a half-deleted `step-N`."""
+    """Delete all but the newest `keep_last` checkpoints (0 = keep all) and those whose step is in `protect`, each
+    through a hidden trash name, so a kill mid-delete never leaves a half-deleted `step-N`."""
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         if step_of(old) not in protect:
-            trash = old.with_name(f"{TRASH_PREFIX}{old.name}-{os.getpid()}")
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            delete_via_trash(old)
 
 
 def weights_dir(mode: str) -> str:
@@ -345,14 +340,14 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any,
     base lr at the restored step. Returns the changes made ("group: key old -> new"); none on a strict resume."""
     changes = []
     for i, (group, new) in enumerate(zip(optimizer.param_groups, fresh)):
-        name = group.get("name", i)
+        name = new["name"]  # our param_groups name every group
         for key, value in new.items():
             if key in ("params", "lr", "initial_lr", "name", "pattern"):
                 continue
             if group.get(key) != value:
                 changes.append(f"{name}: {key} {group.get(key)!r} -> {value!r}")
                 group[key] = value
-        base = new.get("initial_lr", new["lr"])
+        base = new["initial_lr"]  # set by the scheduler built on the fresh optimizer
         if scheduler.base_lrs[i] != base:
             changes.append(f"{name}: base lr {scheduler.base_lrs[i]:.6g} -> {base:.6g}")
             scheduler.base_lrs[i] = base

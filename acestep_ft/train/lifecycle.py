@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -27,10 +26,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from accelerate import Accelerator
 
+from acestep_ft.atomic import TRASH_PREFIX, delete_via_trash
 from acestep_ft.config import TrainConfig
 from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.train.checkpoint import (
-    BEST_FILE, PREFIX, STATE_FILE, TRASH_PREFIX, damaged, has_manifest, list_checkpoints, manifest_problem, read_best,
+    BEST_FILE, PREFIX, STATE_FILE, damaged, has_manifest, list_checkpoints, manifest_problem, read_best,
     step_of,
 )
 from acestep_ft.train.metrics import METRICS_FILE
@@ -74,7 +74,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume_from: Optional[Path],
     if overwrite:
         gone = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
         for name in gone:
-            _delete(run_dir / name)
+            delete_via_trash(run_dir / name)
         if gone:
             say(f"train.overwrite=true: deleted the earlier run's {', '.join(gone)} in {run_dir}")
     restored = restore_interrupted_swaps(run_dir / "checkpoints")
@@ -148,7 +148,7 @@ def clean_leftovers(run_dir: Path) -> List[Tuple[Path, int]]:
             if name.startswith(".") and (".tmp-" in name or ".old-" in name or name.startswith(TRASH_PREFIX)
                                          or name.endswith(".tmp")):
                 removed.append((entry, _size(entry)))
-                _delete(entry)
+                delete_via_trash(entry)
     return removed
 
 
@@ -156,16 +156,6 @@ def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _delete(path: Path) -> None:
-    """Rename to a hidden trash name, then delete: a kill midway never leaves a half-deleted visible entry."""
-    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        trash.unlink(missing_ok=True)
 
 
 # -- which checkpoint to resume ---------------------------------------------------------------------------------
