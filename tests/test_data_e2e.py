@@ -112,6 +112,7 @@ def test_resume_on_v3_with_buckets_crops_and_cache_is_exact(tmp_path):
     assert read(parts) == read(whole) and len(read(whole)) == 9
 
 
+@pytest.mark.slow
 def test_separate_validation_directory(tmp_path):
     """dataset.val_path: v3 training data validated on a .pt directory of other clips, every 2 steps."""
     _, train_v3 = make_datasets(tmp_path / "train", n=6)

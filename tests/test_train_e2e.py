@@ -167,6 +167,7 @@ def test_multirun_jobs_get_distinct_directories(tmp_path):
     assert len(lrs) == 2
 
 
+@pytest.mark.slow
 def test_experiment_grid_runs(tmp_path):
     run_quick(tmp_path, "-cd", "experiments", "-cn", "lora_rank_lr_grid", "-m", multirun=True)
     jobs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
