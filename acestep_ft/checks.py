@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from acestep_ft.config import (
-    Config, Device, Distributed, FullMode, LoraMode, MixedPrecision, NonfinitePolicy, PreprocessedDataset, flatten,
+    AdapterMode, Config, Device, Distributed, FullMode, MixedPrecision, NonfinitePolicy, PreprocessedDataset, flatten,
     resolve_hardware,
 )
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
@@ -29,7 +29,8 @@ from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.checkpoint import TrainingState, check_resume, read_state, signature
 from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
-from acestep_ft.train.optim import param_groups
+from acestep_ft.train.optim import optimizer_problems, param_groups
+from acestep_ft.train.previews import preview_problems
 from acestep_ft.train.trainable import make_trainable, unfreeze_starts
 
 
@@ -52,10 +53,13 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
             f"(the directory with config.json and model.safetensors). Random init is only for model=tiny."
         )
     problems += model_path_problems(cfg.model.path)
+    if isinstance(cfg.mode, AdapterMode):
+        problems += init_adapter_problems(cfg.mode)
     if not cfg.optim.lr > 0:
         problems.append(f"optim.lr={cfg.optim.lr} must be > 0 (the peak learning rate, e.g. 1e-4).")
     if cfg.optim.weight_decay < 0 or cfg.optim.grad_clip < 0:
         problems.append("optim.weight_decay and optim.grad_clip must be >= 0 (grad_clip 0 = no clipping).")
+    problems += optimizer_problems(cfg.optim, cfg.hardware.distributed)
     if cfg.train.nonfinite == NonfinitePolicy.skip and cfg.train.max_nonfinite_skips < 1:
         problems.append(f"train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} must be >= 1.")
     if cfg.train.nonfinite == NonfinitePolicy.skip and cfg.hardware.distributed == Distributed.deepspeed:
@@ -90,7 +94,7 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
             unfreeze_starts(build_meta_model(cfg.model).decoder, cfg.mode.unfreeze, steps_per_epoch=1)
         except ValueError as err:
             problems.append(str(err))
-    if isinstance(cfg.mode, LoraMode):
+    if isinstance(cfg.mode, AdapterMode):
         missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
         if missing:
             problems.append(f"mode.target_modules {missing} match no Linear layer of the decoder; valid names "
@@ -118,6 +122,27 @@ def model_path_problems(path: Optional[str]) -> List[str]:
                 "*.safetensors file."]
     if where.is_file() and where.suffix != ".safetensors":
         return [f"model.path={path} is a file but not a .safetensors file: give the checkpoint directory."]
+    return []
+
+
+def init_adapter_problems(mode: AdapterMode) -> List[str]:
+    """mode.init_adapter must exist and, when its adapter_config.json says, be of the configured type (shapes and
+    targets are checked when it loads, before training)."""
+    if mode.init_adapter is None:
+        return []
+    where = Path(os.path.expanduser(mode.init_adapter))
+    if not where.exists():
+        return [f"mode.init_adapter={mode.init_adapter} does not exist: give a PEFT adapter directory (a run's export/) "
+                "or a ComfyUI-layout .safetensors file."]
+    config = where / "adapter_config.json"
+    if config.is_file():
+        try:
+            kind = str(json.loads(config.read_text()).get("peft_type", "")).upper()
+        except (OSError, ValueError) as err:
+            return [f"mode.init_adapter: {config} is unreadable ({err})."]
+        if kind != mode.name.upper():
+            return [f"mode.init_adapter={mode.init_adapter} holds a {kind} adapter but mode={mode.name}: use "
+                    f"mode={kind.lower()} (with the source's rank and target_modules)."]
     return []
 
 
@@ -165,8 +190,8 @@ def validation_problems(cfg: Config) -> List[str]:
                             "dataset.val_path.")
     if cfg.train.val_every < 0 or cfg.train.early_stop.patience < 0 or cfg.train.samples.every_epochs < 0:
         problems.append("train.val_every, train.early_stop.patience and train.samples.every_epochs must be >= 0.")
-    if cfg.train.samples.every_epochs and (cfg.train.samples.num < 1 or cfg.train.samples.steps < 1):
-        problems.append("train.samples.num and train.samples.steps must be >= 1.")
+    if cfg.train.samples.every_epochs:
+        problems += preview_problems(cfg.train.samples, cfg.model)
     return problems
 
 

@@ -171,18 +171,63 @@ class ModelConfig:
 
 
 @dataclass
-class LoraMode:
+class AdapterMode:
+    """What every adapter mode shares: where adapters go on the DiT decoder, their size, and where they start."""
+
+    rank: int = 64
+    """Adapter rank r (LoKr: the rank of the decomposed Kronecker factor)."""
+    alpha: float = 128.0
+    """Adapter alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with LoRA's use_rslora)."""
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes matched inside the decoder (PEFT semantics): q_proj hits self_attn and cross_attn; self_attn.q_proj only self-attention; add gate_proj, up_proj, down_proj for the MLP."""
+    init_adapter: Optional[str] = None
+    """Start from this trained adapter (a PEFT adapter directory or a ComfyUI-layout .safetensors) instead of fresh
+    weights: its type, targets and shapes must match this mode; the optimizer, schedule and step start fresh
+    (train.resume continues an interrupted run instead)."""
+
+
+@dataclass
+class LoraMode(AdapterMode):
     """Train a PEFT LoRA adapter on the DiT decoder; everything else frozen."""
 
     name: ClassVar[str] = "lora"
-    rank: int = 64
-    """LoRA rank r."""
-    alpha: float = 128.0
-    """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: float = 0.1
     """Dropout on the LoRA input."""
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module-name suffixes matched inside the decoder (PEFT semantics): q_proj hits self_attn and cross_attn; self_attn.q_proj only self-attention; add gate_proj, up_proj, down_proj for the MLP."""
+    use_dora: bool = False
+    """DoRA: also train a per-output-row magnitude (weight-decomposed LoRA; slower, more memory)."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank (keeps high ranks stable)."""
+
+
+@dataclass
+class LokrMode(AdapterMode):
+    """Train a PEFT LoKr (Kronecker-product) adapter on the DiT decoder; everything else frozen."""
+
+    name: ClassVar[str] = "lokr"
+    rank: int = 64
+    """Rank of the low-rank factor(s); a factor whose sides are smaller than this is kept full."""
+    alpha: float = 128.0
+    decompose_both: bool = False
+    """Also decompose the left (smaller) Kronecker factor into two low-rank matrices."""
+    decompose_factor: int = -1
+    """Kronecker factorization of each dimension: -1 = the most balanced split, n = split off a factor of n."""
+    rank_dropout: float = 0.0
+    """Dropout on the rank of the update, per training step."""
+    module_dropout: float = 0.0
+    """Probability of leaving a module's update out in a training step."""
+
+
+@dataclass
+class LohaMode(AdapterMode):
+    """Train a PEFT LoHa (Hadamard product of two low-rank pairs) adapter on the DiT decoder; everything else frozen."""
+
+    name: ClassVar[str] = "loha"
+    rank: int = 32
+    alpha: float = 32.0
+    rank_dropout: float = 0.0
+    """Dropout on the rank of the update, per training step."""
+    module_dropout: float = 0.0
+    """Probability of leaving a module's update out in a training step."""
 
 
 @dataclass
@@ -413,20 +458,48 @@ class EarlyStopConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """The flow sampler that renders previews and clips; null = the variant's own setting (turbo: 8 steps, shift 3,
+    no CFG; base / sft: 30 steps, shift 1, guidance 7 with APG, as official inference)."""
+
+    steps: Optional[int] = None
+    """Euler steps from t=1 (noise) to t=0."""
+    shift: Optional[float] = None
+    """Timestep shift of the schedule, t' = s*t / (1 + (s-1)*t)."""
+    guidance_scale: Optional[float] = None
+    """Classifier-free guidance scale (APG); 1 = no guidance (turbo is guidance-distilled)."""
+
+
+@dataclass
+class PromptSample:
+    """One preview rendered from text: the caption and lyrics go through the text and condition encoders."""
+
+    caption: str = MISSING
+    """Caption / tags, as in the training data (e.g. "lo-fi hip hop, mellow piano, 80 bpm")."""
+    lyrics: str = "[Instrumental]"
+    """Lyrics with section tags, or [Instrumental]."""
+    duration: float = 10.0
+    """Seconds of audio to render."""
+    seed: int = 0
+    """Seed of the starting noise (the same seed renders the same clip at every preview)."""
+
+
+@dataclass
 class SampleConfig:
-    """Generate latents from fixed noise for fixed validation conditions while training."""
+    """Previews while training: latents from fixed noise for fixed validation conditions, and clips from text."""
 
     every_epochs: int = 0
     """Every N epochs (and at the end); 0 = never."""
     num: int = 2
     """Conditions taken from the first validation samples (or training samples without a split)."""
-    steps: int = 8
-    """Euler steps of the flow sampler from t=1 (noise) to t=0."""
-    shift: float = 3.0
-    """Timestep shift of the sampler schedule (turbo uses 3)."""
+    prompts: List[PromptSample] = field(default_factory=list)
+    """Text prompts rendered at every preview (encoded once at the start, then the encoders leave the device)."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     vae_path: Optional[str] = None
     """VAE (diffusers AutoencoderOobleck directory) that decodes the sampled latents to audio: samples/step-N/*.wav
     and the logger. None = <model.path>/../vae when that exists (the official layout), else latents only."""
+    text_encoder_path: Optional[str] = None
+    """Text encoder + tokenizer directory for train.samples.prompts; None = <model.path>/../Qwen3-Embedding-0.6B."""
 
 
 @dataclass
@@ -452,7 +525,10 @@ class TrainConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     export_dtype: ExportDtype = ExportDtype.float32
-    """dtype of the final export in <run>/export (full model in the official layout, or the LoRA adapter)."""
+    """dtype of the final export in <run>/export (full model in the official layout, or the adapter)."""
+    export_comfyui: bool = True
+    """Adapter modes: also write the adapter in ComfyUI's layout (per-module alpha, so strength 1.0 = the trained
+    update) as export/comfyui/adapter.safetensors and in every checkpoint."""
     resume: Optional[str] = None
     """null = fresh start; auto = newest checkpoint in the run directory; or a checkpoint / run directory path."""
     resume_strict: bool = True
@@ -565,13 +641,55 @@ class PreprocessRoot:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
+@dataclass
+class GenerateRoot:
+    """python -m acestep_ft.generate: one clip from text with a trained adapter or full model (conf/generate.yaml)."""
+
+    model: ModelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    adapter: Optional[str] = None
+    """A trained adapter (PEFT directory, ComfyUI-layout .safetensors, or a run's export/) applied to the model; None
+    = the model as model.path holds it (e.g. a full fine-tune's export)."""
+    prompt: str = MISSING
+    """Caption / tags describing the music."""
+    lyrics: str = "[Instrumental]"
+    """Lyrics with section tags, or [Instrumental]."""
+    duration: float = 10.0
+    """Seconds of audio."""
+    seed: int = 0
+    """Seed of the starting noise."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    vae_path: Optional[str] = None
+    """VAE directory; None = <model.path>/../vae."""
+    text_encoder_path: Optional[str] = None
+    """Text encoder + tokenizer directory; None = <model.path>/../Qwen3-Embedding-0.6B."""
+    output: Optional[str] = None
+    """Where the wav goes; None = generated/<date>-<time>-seed<seed>.wav in the working directory."""
+
+
+def to_typed(cfg: Any) -> Any:
+    """A composed DictConfig as its dataclass objects; a required value left unset is a ConfigError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    from acestep_ft.errors import ConfigError
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
+
+
 def register_configs() -> None:
     """Register the schemas; every YAML option under conf/<group>/ starts from one of these."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(name="base_preprocess", node=PreprocessRoot)
+    cs.store(name="base_generate", node=GenerateRoot)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="mode", name="base_lora", node=LoraMode)
+    cs.store(group="mode", name="base_lokr", node=LokrMode)
+    cs.store(group="mode", name="base_loha", node=LohaMode)
     cs.store(group="mode", name="base_full", node=FullMode)
     cs.store(group="dataset", name="base_synthetic", node=SyntheticDataset)
     cs.store(group="dataset", name="base_preprocessed", node=PreprocessedDataset)

@@ -20,18 +20,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from omegaconf import OmegaConf
-from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from acestep_ft.atomic import atomic_write_bytes
 from acestep_ft.checks import (
     check_config, check_data_fingerprint, check_resume_config, data_fingerprint_digest, flat_config, validation_dir,
 )
-from acestep_ft.config import Config, Distributed, FullMode, LoraMode, resolve_hardware
+from acestep_ft.config import AdapterMode, Config, Distributed, FullMode, resolve_hardware
 from acestep_ft.data import BatchStream, build_dataset
+from acestep_ft.data.batch import Sample
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
-from acestep_ft.data.dataset import SampleSource, SubsetSource, resolve_cache_policy, split_train_val
+from acestep_ft.data.dataset import SampleSource, resolve_cache_policy, split_train_val
 from acestep_ft.data.prefetch import Prefetcher
 from acestep_ft.data.sampler import sampler_for
 from acestep_ft.distributed import (
@@ -40,18 +39,23 @@ from acestep_ft.distributed import (
 from acestep_ft.errors import UserError
 from acestep_ft.launch import Launch, write_record
 from acestep_ft.model import load_model
+from acestep_ft.model.checkpoint_io import missing_official_files
 from acestep_ft.preflight.gate import preflight, world_size_from_env, write_rewrite
+from acestep_ft.preprocess.encoders import COMPUTE
+from acestep_ft.preprocess.prompts import encode_prompts
+from acestep_ft.train.adapters import COMFYUI_FILE, init_from_adapter
 from acestep_ft.train.checkpoint import (
     TrainingState, apply_optimizer_settings, capture_rng, load_weights, restore_rng, save_checkpoint, signature,
 )
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
-from acestep_ft.train.evaluate import ValidationSet, fixed_noise, sample_latents, validation_loss
+from acestep_ft.train.evaluate import ValidationSet, validation_loss
 from acestep_ft.train.lifecycle import StopSignals, lock_run_dir, prepare_run_dir, stop_status
 from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
-from acestep_ft.train.optim import build_optimizer, build_scheduler, group_table, param_groups
-from acestep_ft.train.sample_audio import decode_latents, file_name, load_sample_vae, vae_dir, vae_rate, wav_bytes
+from acestep_ft.train.optim import (build_optimizer, build_scheduler, evaluation_mode, group_settings, group_table,
+                                    param_groups)
+from acestep_ft.train.previews import build_previews
 from acestep_ft.train.trainable import (
     count_parameters, export_trained, held_back, make_trainable, unfreeze_starts, write_trained,
 )
@@ -89,36 +93,42 @@ def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> B
     return BatchStream(source, sampler, max_frames=max_frames, seed=cfg.train.seed, pin_memory=cuda_copy)
 
 
-def evaluation_hooks(cfg: Config, acc: Accelerator, decoder: nn.Module, ema: Optional[Ema],
-                     train_source: SampleSource, val_source: Optional[SampleSource], run_dir: Path,
+def evaluation_hooks(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Module, ema: Optional[Ema],
+                     optimizer: torch.optim.Optimizer, train_source: SampleSource,
+                     val_source: Optional[SampleSource], run_dir: Path,
                      sink: MetricsSink) -> Tuple[Optional[Callable[[], float]], Optional[Callable[[int], Dict]]]:
-    """(validate, generate) for the loop: the validation loss of the current weights (None without a split) and
-    sample generation at a step (None unless train.samples.every_epochs). Both use the EMA weights when
-    train.ema.for_eval."""
+    """(validate, generate) for the loop: the validation loss of the current weights (None without a split) and the
+    previews at a step (None unless train.samples.every_epochs; train/previews.py, whose setup encodes the text
+    prompts once, here). Both use the EMA weights when train.ema.for_eval."""
     def evaluation_weights():
         return ema.applied() if ema is not None and cfg.train.ema.for_eval else nullcontext()
 
     val_set = None if val_source is None else ValidationSet(
         val_source, cfg.hardware.batch_size, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
         acc.process_index, acc.num_processes)
-    vae = None
+    previews = None
     if cfg.train.samples.every_epochs:
-        vae = load_sample_vae(cfg.train.samples, cfg.model.path) if acc.is_main_process else None
-        where = vae_dir(cfg.train.samples, cfg.model.path)
-        acc.print("samples: " + (f"latents decoded to audio with the VAE in {where}" if vae is not None
-                                 else "latents only (no VAE: set train.samples.vae_path)"))
+        def encode(text_dir: Path, vae: Any) -> List[Sample]:  # the prompts, once, on the main process
+            dtype = COMPUTE.get(str(acc.mixed_precision), torch.float32)
+            return encode_prompts(cfg.train.samples.prompts, model, cfg.model, text_dir, vae, acc.device, dtype,
+                                  "train.samples.text_encoder_path")
+
+        previews = build_previews(cfg.train.samples, cfg.model, model, acc, val_source or train_source,
+                                  seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
+                                  cfg.objective.attention_mask, sink.log_audio, acc.print, encode)
+    elif cfg.train.samples.prompts:
+        acc.print("samples: train.samples.prompts are rendered only with train.samples.every_epochs > 0")
 
     def validate() -> float:
-        with evaluation_weights():
+        with evaluation_mode(optimizer), evaluation_weights():  # schedule-free's average x, then EMA if chosen
             return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
                                    cfg.model.timestep_sigma)
 
     def generate(step: int) -> Dict[str, float]:
-        with evaluation_weights(), acc.autocast():
-            return generate_samples(cfg, decoder, val_source or train_source, run_dir, step, acc, vae,
-                                    sink.log_audio)
+        with evaluation_mode(optimizer), evaluation_weights(), acc.autocast():
+            return previews.render(decoder, run_dir, step, acc)
 
-    return (validate if val_set is not None else None), (generate if cfg.train.samples.every_epochs else None)
+    return (validate if val_set is not None else None), (generate if previews is not None else None)
 
 
 def gathered_weights(acc: Accelerator, decoder: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
@@ -130,7 +140,8 @@ def gathered_weights(acc: Accelerator, decoder: nn.Module) -> Optional[Dict[str,
 
 
 def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Module, ema: Optional[Ema],
-               run_dir: Path, losses: List[float], start_step: int, finished: bool) -> None:
+               optimizer: torch.optim.Optimizer, run_dir: Path, losses: List[float], start_step: int,
+               finished: bool) -> None:
     """After the loop: the DDP replica check, the export (only when the run reached max_steps or stopped early,
     not at a train.stop_at_step pause), the loss plot and the summary line."""
     if acc.num_processes > 1 and cfg.hardware.distributed == Distributed.ddp:
@@ -140,15 +151,21 @@ def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Modu
     if finished:
         if not losses:
             acc.print(f"the run had already finished at step {start_step}: writing its export again")
-        weights = gathered_weights(acc, decoder)  # collective
-        if acc.is_main_process:
-            dtype = getattr(torch, str(cfg.train.export_dtype))
-            use_ema = ema is not None and cfg.train.ema.for_export
-            if use_ema:  # same names: both come from the unwrapped decoder
-                weights = {**(weights or {}), **{n: t.cpu() for n, t in ema.shadow.items()}}
-            exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype, weights)
-            acc.print(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''}; the best "
-                      "validated weights, when there is a split, are named in checkpoints/best.json)")
+        with evaluation_mode(optimizer):  # schedule-free: export the averaged weights x
+            weights = gathered_weights(acc, decoder)  # collective
+            if acc.is_main_process:
+                dtype = getattr(torch, str(cfg.train.export_dtype))
+                use_ema = ema is not None and cfg.train.ema.for_export
+                if use_ema:  # same names: both come from the unwrapped decoder
+                    weights = {**(weights or {}), **{n: t.cpu() for n, t in ema.shadow.items()}}
+                exported = export_trained(model, acc.unwrap_model(decoder), run_dir / "export", dtype, weights,
+                                          comfyui=cfg.train.export_comfyui)
+                acc.print(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''}; the best "
+                          "validated weights, when there is a split, are named in checkpoints/best.json)")
+                if isinstance(cfg.mode, FullMode) and missing_official_files(exported, model.cfg):
+                    acc.print("export: " + missing_official_files(exported, model.cfg))
+                elif (exported / COMFYUI_FILE).is_file():
+                    acc.print(f"export: {exported / COMFYUI_FILE} (ComfyUI layout: strength 1.0 = the trained update)")
         acc.wait_for_everyone()
     if acc.is_main_process and cfg.train.plot:
         plot_loss(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
@@ -164,43 +181,6 @@ def replica_digest(module: nn.Module) -> Tuple[float, float]:
     """(sum, sum of squares) of the trained weights in float64: equal on every process while DDP replicas agree."""
     trained = [p.detach().double() for p in module.parameters() if p.requires_grad]
     return (float(sum(p.sum() for p in trained)), float(sum((p * p).sum() for p in trained)))
-
-
-def generate_samples(cfg: Config, decoder: nn.Module, source: SampleSource, run_dir: Path, step: int,
-                     acc: Accelerator, vae: Optional[Any] = None,
-                     log_audio: Optional[Any] = None) -> Dict[str, float]:
-    """Latents sampled from fixed noise for the first train.samples.num conditions of `source`, written to
-    <run>/samples/step-N.safetensors (main process), and with a VAE decoded to <run>/samples/step-N/<key>.wav and
-    passed to `log_audio(step, name, audio, rate)`; returns their metrics. Every process runs the sampler, so
-    sharded models see every collective."""
-    spec = cfg.train.samples
-    first = SubsetSource(source, range(min(spec.num, len(source))))
-    batch, lengths = ValidationSet(first, spec.num, seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed).batch(
-        range(len(first)))
-    batch = batch.to(acc.device).float()
-    noise = fixed_noise(batch.keys, lengths, cfg.train.seed, "sample").to(acc.device)
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        latents = sample_latents(decoder, batch, noise, spec.steps, spec.shift, cfg.objective.attention_mask)
-    finally:
-        decoder.train(was_training)
-    real = batch.attention_mask.bool()
-    if acc.is_main_process:
-        tensors = {key: latents[i, :length].cpu().contiguous() for i, (key, length) in enumerate(zip(batch.keys,
-                                                                                                   lengths))}
-        out = run_dir / "samples" / f"step-{step:08d}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, save_safetensors(tensors, metadata={"format": "pt", "step": str(step)}))
-        for key, latent in tensors.items() if vae is not None else []:
-            audio = decode_latents(vae, latent)
-            wav = run_dir / "samples" / f"step-{step:08d}" / f"{file_name(key)}.wav"
-            wav.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(wav, wav_bytes(audio, vae_rate(vae)))
-            if log_audio is not None:
-                log_audio(step, f"samples/{file_name(key)}", audio, vae_rate(vae))
-    return {"samples/latent_std": float(latents[real].std()),
-            "samples/mse_to_target": float(((latents - batch.target_latents)[real] ** 2).mean())}
 
 
 @dataclass
@@ -287,6 +267,8 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     model = load_model(cfg.model)
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
+    if isinstance(cfg.mode, AdapterMode) and cfg.mode.init_adapter is not None and state is None:
+        print0(init_from_adapter(decoder, cfg.mode.init_adapter, cfg.model))
     if acc.num_processes > 1 and (cfg.model.path is None or cfg.hardware.distributed == Distributed.fsdp):
         # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
         # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
@@ -310,7 +292,7 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
 
     data_digest = data_fingerprint_digest(cfg)
     start_step = 0
-    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_groups = group_settings(optimizer)  # settings only: Prodigy's d, schedule-free's step count stay restored
     if state is not None:  # checked against this config before the model loaded (check_resume_config)
         load_weights(resume_from, decoder, cfg.mode.name)
         scheduler.load_state_dict(state.scheduler)
@@ -354,7 +336,7 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
                "synchronously, between steps")
     prefetcher = Prefetcher(batches, acc.device, device_prefetch=cfg.hardware.device_prefetch)
 
-    saved_params = trainable if isinstance(cfg.mode, LoraMode) else total
+    saved_params = trainable if isinstance(cfg.mode, AdapterMode) else total
     expected_bytes = 4 * (saved_params + 2 * trainable)  # fp32 weights + two optimizer moments, until a save says
 
     def save(step: int, note: Optional[str] = None) -> None:
@@ -391,7 +373,8 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
                           early_stop=early_stop.state_dict() if val_source is not None else None,
                           data_fingerprint=data_digest, nonfinite_skips=parts.nonfinite_skips,
                           nonfinite_in_a_row=parts.nonfinite_in_a_row, note=note),
-            lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights),
+            lambda directory: write_trained(model, unwrapped, directory, torch.float32, weights,
+                                            comfyui=cfg.train.export_comfyui),
             config_yaml=config_yaml,
             keep_last=cfg.train.keep_last,
             keep_step=early_stop.best_step,
@@ -401,7 +384,8 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
 
     sink = MetricsSink(run_dir, cfg.logger, launch.choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        start_step=start_step, enabled=acc.is_main_process)
-    validate, generate = evaluation_hooks(cfg, acc, decoder, ema, train_source, val_source, run_dir, sink)
+    validate, generate = evaluation_hooks(cfg, acc, model, decoder, ema, optimizer, train_source, val_source, run_dir,
+                                          sink)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch, validate,
                       early_stop, generate, stop, *((state.nonfinite_skips, state.nonfinite_in_a_row)
@@ -415,5 +399,5 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
         sink.close()
     reached = start_step + len(losses) >= cfg.train.max_steps or early_stop.should_stop
     finished = reached and stop.agreed_signum is None
-    finish_run(cfg, acc, model, decoder, ema, run_dir, losses, start_step, finished)
+    finish_run(cfg, acc, model, decoder, ema, optimizer, run_dir, losses, start_step, finished)
     return losses

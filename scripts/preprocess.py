@@ -17,12 +17,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from acestep_ft.config import register_configs  # noqa: E402
-from acestep_ft.errors import ConfigError, reported_errors  # noqa: E402
+from acestep_ft.config import register_configs, to_typed  # noqa: E402
+from acestep_ft.errors import reported_errors  # noqa: E402
 
 register_configs()
 _started = False  # set once Hydra has composed the config and runs main()
@@ -37,10 +35,7 @@ def main(cfg) -> None:
     from acestep_ft.preprocess import preprocess
 
     with reported_errors():  # a refusal exits 1, a config error 2: the message only
-        try:
-            typed = OmegaConf.to_object(cfg)
-        except MissingMandatoryValue as err:
-            raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
+        typed = to_typed(cfg)
         summary = preprocess(typed.preprocess, typed.model, typed.hardware)
         print(summary.text())
         report = {"ok": summary.ok, "encoded": summary.encoded, "resumed": summary.resumed, "skipped": summary.skipped,

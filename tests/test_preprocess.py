@@ -154,7 +154,7 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
     assert validate.returncode == 0, validate.stdout[-2000:] + validate.stderr[-2000:]
     train = subprocess.run([sys.executable, "train.py", "dataset=preprocessed", f"dataset.path={out}", "model=tiny",
                             f"model.path={dit}", "hardware=cpu", "train.max_steps=3", "train.plot=false",
-                            "hardware.batch_size=2", "train.samples.every_epochs=1", "train.samples.steps=2",
+                            "hardware.batch_size=2", "train.samples.every_epochs=1", "train.samples.sampler.steps=2",
                             "logger=tensorboard", f"hydra.run.dir={tmp_path / 'train'}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert train.returncode == 0, train.stderr[-3000:]

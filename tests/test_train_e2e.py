@@ -56,9 +56,13 @@ def test_golden_losses_and_artifacts(tmp_path):
     assert 0.0 <= record["data/pad_frac"] < 1.0
 
 
-@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+# each adapter type once (slow: CI runs them); LoKr / LoHa with rank and module dropout, so their RNG use is resumed
+@pytest.mark.parametrize("mode", ["lora", *(pytest.param(m, marks=pytest.mark.slow) for m in (
+    "full", "lora mode.use_dora=true mode.use_rslora=true",
+    "lokr mode.rank=4 mode.decompose_both=true mode.rank_dropout=0.2 mode.module_dropout=0.2",
+    "loha mode.rank=4 mode.rank_dropout=0.2 mode.module_dropout=0.2"))])
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
-    common = [f"mode={mode}", "train.max_steps=8", "train.save_every=4", "dataset.num_samples=6",
+    common = [f"mode={mode.split()[0]}", *mode.split()[1:], "train.max_steps=8", "train.save_every=4", "dataset.num_samples=6",
               "hardware.batch_size=2", "train.grad_accum=2", "train.plot=false", "train.ema.enabled=true"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_train(whole, *common)
@@ -76,6 +80,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
         assert torch.equal(value, final[1]["shadow"][name]), name
 
 
+@pytest.mark.slow  # default-suite budget; CI runs it
 def test_validation_early_stopping_keeps_the_best_checkpoint(tmp_path):
     # lr 1e-30: updates vanish below fp32 resolution, the weights never change, so the validation loss is flat and early stopping must trigger
     proc = run_train(tmp_path, "optim.lr=1e-30", "train.max_steps=50", "train.save_every=100", "train.keep_last=1",
@@ -98,7 +103,7 @@ def test_validation_early_stopping_keeps_the_best_checkpoint(tmp_path):
 def test_full_finetune_with_validation_unfreezing_and_samples_resumes_exactly(tmp_path):
     common = ["mode=full", "optim.lr=1e-3", "train.max_steps=12", "train.save_every=6", "dataset.num_samples=14",
               "hardware.batch_size=2", "dataset.val_fraction=0.3", "train.val_every=3", "train.ema.enabled=true",
-              "train.samples.every_epochs=1", "train.samples.steps=2", "train.plot=false",
+              "train.samples.every_epochs=1", "train.samples.sampler.steps=2", "train.plot=false",
               "mode.unfreeze=[{pattern: 'layers\\.1\\.'},{pattern: '', at_epoch: 1}]"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     proc = run_train(whole, *common)
@@ -122,6 +127,7 @@ def test_full_finetune_with_validation_unfreezing_and_samples_resumes_exactly(tm
     assert json.loads((whole / "export" / "config.json").read_text())["model_type"]
 
 
+@pytest.mark.slow  # default-suite budget; CI runs it
 def test_full_finetune_over_several_epochs_lowers_the_loss(tmp_path):
     run_train(tmp_path, "mode=full", "optim.lr=1e-3", "dataset.num_samples=16", "train.max_steps=40",
               "train.save_every=40", "train.plot=false")  # 4 steps per epoch: 10 epochs
@@ -159,6 +165,7 @@ def test_wandb_offline_and_tensorboard(tmp_path):
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # default-suite budget; CI runs it
 def test_multirun_jobs_get_distinct_directories(tmp_path):
     run_quick(tmp_path, "-m", "optim.lr=1e-4,3e-4", multirun=True)
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
@@ -196,3 +203,22 @@ def test_two_process_cpu_run_resumes_exactly(tmp_path):
     torchrun(tmp_path / "parts", "train.resume=auto")
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     assert len(losses(tmp_path / "whole")) == 6
+
+
+@pytest.mark.slow  # default-suite budget (unit: tests/unit/test_adapters.py); CI runs it
+@pytest.mark.parametrize("source", ["export", "export/comfyui/adapter.safetensors"])
+def test_warm_start_from_a_trained_adapter_continues_its_update(tmp_path, source):
+    """mode.init_adapter: a new run (fresh optimizer, step 0) starts from another run's adapter, given as its PEFT
+    export or as the ComfyUI file, with its update kept when the new alpha differs (lr 1e-30: the weights do not move
+    in the new run, so its export is the rescaled source)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train(first, "mode.rank=4", "mode.alpha=4", "train.max_steps=3", "train.plot=false")
+    proc = run_train(second, "mode.rank=4", "mode.alpha=8", f"mode.init_adapter={first / source}", "optim.lr=1e-30",
+                     "train.max_steps=2", "train.plot=false")
+    assert "init adapter: LORA from" in proc.stdout and "rescaled" in proc.stdout
+    assert json.loads((second / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1  # a fresh run
+    a = load_file(str(first / "export" / "adapter_model.safetensors"))
+    b = load_file(str(second / "export" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key] * (0.5 if ".lora_B." in key else 1.0), rtol=1e-6, atol=0)

@@ -45,6 +45,15 @@ FIXED_FIELDS: Dict[str, Any] = {"attention_bias": False, "hidden_act": "silu", "
 SOFT_FIELDS = ("timestep_mu", "timestep_sigma", "model_version", "timbre_fix_frame", "max_position_embeddings")
 CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
 SUPPORT_FILES = ("configuration_acestep_v15.py", "apg_guidance.py", "silence_latent.pt")
+SILENCE_NAME = "silence_latent.pt"
+SILENCE_FRAMES = 15000  # the official silence latent: [1, 64, 15000] (10 minutes at 25 latent frames per second)
+# Where a variant's official files live (the checkpoint directory official inference downloads).
+OFFICIAL_HOME = {
+    "turbo": "Hugging Face ACE-Step/Ace-Step1.5, folder acestep-v15-turbo",
+    "base": "Hugging Face ACE-Step/acestep-v15-base", "sft": "Hugging Face ACE-Step/acestep-v15-sft",
+    "xl_turbo": "Hugging Face ACE-Step/acestep-v15-xl-turbo", "xl_base": "Hugging Face ACE-Step/acestep-v15-xl-base",
+    "xl_sft": "Hugging Face ACE-Step/acestep-v15-xl-sft",
+}
 
 
 def official_field(official: Mapping[str, Any], name: str) -> Any:
@@ -242,7 +251,28 @@ def save_full_model(model: AceStepModel, directory: Any, dtype: torch.dtype = to
             for item in Path(source).iterdir():
                 if item.name in SUPPORT_FILES or (item.name.startswith("modeling_") and item.suffix == ".py"):
                     shutil.copy2(item, tmp / item.name)
+        if model.cfg.variant == "tiny" and not (tmp / SILENCE_NAME).exists():
+            # model=tiny trains on zeros as its silence latent (no VAE to encode silence): write what it used
+            torch.save(torch.zeros(1, model.cfg.audio_acoustic_hidden_dim, SILENCE_FRAMES), tmp / SILENCE_NAME)
     return target
+
+
+def official_files(cfg: Any) -> Tuple[str, ...]:
+    """The files next to config.json and the weights that official inference (AutoModel.from_pretrained(dir,
+    trust_remote_code=True)) imports or reads: the config and modeling code auto_map names, and the silence latent."""
+    return ("configuration_acestep_v15.py", f"{modeling_module(cfg)}.py", "apg_guidance.py", SILENCE_NAME)
+
+
+def missing_official_files(directory: Any, cfg: Any) -> str:
+    """"" when `directory` holds every official file; else which are missing and where to copy them from."""
+    missing = [name for name in official_files(cfg) if not (Path(directory) / name).is_file()]
+    if not missing:
+        return ""
+    home = OFFICIAL_HOME.get(cfg.variant, "the official checkpoint directory of the variant this model was made "
+                             f"from (its config.json auto_map names {modeling_module(cfg)})")
+    return (f"{directory} lacks {', '.join(missing)}, which official ACE-Step inference needs to load it (the model "
+            f"was not loaded from an official directory, so there was nothing to copy). Copy them from {home}"
+            " (the .py files also live in the ACE-Step-1.5 source tree under acestep/models/).")
 
 
 def condition_encoder_digest(model: AceStepModel) -> str:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
-from acestep_ft.config import register_configs
+from acestep_ft.config import register_configs, to_typed
 from acestep_ft.errors import ConfigError, UserError, reported_errors
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -36,9 +35,7 @@ def compose_config(overrides: list[str]):
         raise ConfigError(f"config directory {CONF} not found: run from a source checkout of acestep-ft")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         try:
-            return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-        except MissingMandatoryValue as err:
-            raise ConfigError(f"{err.full_key} is required; add {err.full_key}=... to the command line.") from None
+            return to_typed(compose(config_name="config", overrides=overrides))
         except OverrideParseException as err:
             raise ConfigError(f"cannot parse the override {err.override}: {err}") from None
         except (HydraException, OmegaConfBaseException) as err:  # unknown key, bad value, unknown group option

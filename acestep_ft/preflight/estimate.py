@@ -16,24 +16,30 @@ H hidden, Q = heads*head_dim, V = kv_heads*head_dim, I intermediate, E condition
 a = bytes of the autocast dtype (2 for bf16/fp16, 4 without autocast), f = 4 (fp32).
 
 Resident (the whole step)
-- weights           4 * decoder params (frozen base + adapters for LoRA); FSDP: / world, DeepSpeed ZeRO-3: / world.
+- weights           4 * decoder params (frozen base + adapters); FSDP: / world, DeepSpeed ZeRO-3: / world.
 - optimizer states  AdamW: 8 * trainable; AdamW8bit: 2 bytes + 2 fp32 absmax per 256 values for tensors of
-                    >= 4096 values, 8 bytes for smaller ones; Adafactor: 4 * (rows + cols) per matrix, 4 * n per
-                    vector (+ 4 * n with beta1); SGD: 4 * n with momentum, else 0; unknown: 8 * n (stated).
+                    >= 4096 values, 8 bytes for smaller ones; Adafactor: 4 * (rows + cols) per matrix (rows = all
+                    dims but the last), 4 * n per vector, + 4 * n with beta1, + a 4-byte RMS per tensor;
+                    Prodigy: 16 * n (exp_avg, exp_avg_sq, s, p0; s and p0 / slice_p; 12 * n with beta1 = 0; p0 is
+                    one value for a tensor that starts at zero, LoRA B: counted in full, an upper bound);
+                    schedule-free AdamW: 8 * n (z, exp_avg_sq), SGD: 4 * n (z); SGD: 4 * n with momentum, else 0;
+                    unknown: 8 * n (stated).
                     ZeRO >= 1 and FSDP: / world; offload: 0 on the device.
 - EMA               4 * trainable (0 with train.ema.on_cpu); sharded like the weights under FSDP.
 - batches           4 * (B*T*(C + C_ctx + 1) + B*L*(E + 1)) per batch; 4 batches with device prefetch (the one in
                     use, a queue of 2, one held by the worker), else 1.
 - DDP buckets       none: the run sets gradient_as_bucket_view, so gradients are views into DDP's buckets.
 
-Forward/backward high-water mark (walked layer by layer; LoRA/full/unfreeze decided per tensor on the meta model)
+Forward/backward high-water mark (walked layer by layer; adapter/full/unfreeze decided per tensor on the meta model)
 - saved activations per DiT layer: what autograd keeps, enumerated op by op in `_LayerCost` (RMSNorm keeps its
   fp32 input, the normalized a-copy when its weight trains, the fp32 modulated value when adaLN trains; each
   Linear keeps its input when its weight trains (Linears reading the same row-major input share one copy; the
   decoder makes the residual stream row-major after proj_in's Conv1d); SDPA keeps q, k, v,
   out (a*M*Q each side) and a bias a*N^2 on sliding layers; eager keeps q, k, v, fp32 and a-probabilities
-  (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r; a
-  frozen Linear whose input needs a gradient keeps its a-cast weight under autocast).
+  (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r
+  (DoRA also the base and adapter outputs, 2a*M*out); LoKr / LoHa keep their own input copy a*M*in and the
+  materialized a-cast update a*out*in; a frozen Linear whose input needs a gradient keeps its a-cast weight under
+  autocast).
 - checkpointed layers keep only their input (a*M*H); in the backward pass one layer at a time is recomputed.
 - autocast weight cache: a * trainable Linear/Conv weights, alive until the forward returns (checkpointed layers
   drop theirs then; the others keep them as saved tensors until their backward).
@@ -44,8 +50,9 @@ Forward/backward high-water mark (walked layer by layer; LoRA/full/unfreeze deci
   and the MSE's saved pred and target.
 
 Optimizer-step high-water mark: all gradients (4 * trainable; ZeRO-2/3 and FSDP: / world) + the optimizer's
-temporaries (torch AdamW with foreach, as on a CUDA GPU: one fp32 sqrt buffer the size of the largest parameter
-group; Adafactor: one fp32 update the size of the largest tensor; 8-bit and fused kernels: none).
+temporaries (torch AdamW and schedule-free with foreach, as on a CUDA GPU: one fp32 sqrt buffer the size of the
+largest parameter group; Adafactor: two fp32 buffers the size of the largest tensor; Prodigy: one; 8-bit and fused
+kernels: none).
 
 Tested against `trace.py` (a real step under FakeTensorMode + MemTracker) in tests/unit/test_preflight_estimate.py
 and against torch.cuda.max_memory_allocated in tests/test_preflight_gpu.py.
@@ -61,11 +68,12 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from acestep_ft.config import Config, FullMode, LoraMode
+from acestep_ft.config import AdapterMode, Config, FullMode, LoraMode
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.optim import takes_weight_decay
-from acestep_ft.train.trainable import unfreeze_starts
+from acestep_ft.train.adapters import is_adapter_tensor
+from acestep_ft.train.trainable import make_trainable, unfreeze_starts
 
 GIB = 2**30
 PREFETCH_BATCHES = 4  # hardware.device_prefetch on a CUDA GPU: in use + queue of 2 + one held by the worker
@@ -114,19 +122,20 @@ class MemoryEstimate:
 
 @dataclass
 class LayerTrain:
-    """Which parts of one DiT layer train. linears: name -> "train" | "lora" | "frozen"."""
+    """Which parts of one DiT layer train. linears: name -> "train" | "lora" | "dora" | "kron" (LoKr / LoHa) |
+    "frozen"."""
 
     linears: Dict[str, str]
     norms: bool  # RMSNorm weights (self_attn_norm, q_norm, ...) train
     table: bool  # the adaLN scale_shift_table trains
-    params: int  # every parameter of the layer, LoRA included
+    params: int  # every parameter of the layer, adapters included
     trainable: int
     weights: int  # trainable Linear weights (what autocast caches a copy of)
 
 
 @dataclass
 class TrainSet:
-    decoder_params: int  # LoRA included
+    decoder_params: int  # adapters included
     trainable: int
     tensors: List[Tuple[str, Tuple[int, ...]]]  # trainable (name, shape)
     layers: List[LayerTrain]
@@ -145,21 +154,25 @@ def _train_set(model_cfg, mode_cfg) -> TrainSet:
     names = {n: tuple(p.shape) for n, p in decoder.named_parameters()}
     linears = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Linear)}
     trained: Dict[str, Tuple[int, ...]] = {}
-    lora: Dict[str, int] = {}  # Linear name -> rank
+    adapted: Dict[str, str] = {}  # Linear name -> its adapter kind
     match mode_cfg:
-        case LoraMode():
-            targets = list(mode_cfg.target_modules)
-            for n, m in linears.items():
-                if any(n == t or n.endswith("." + t) for t in targets):
-                    lora[n] = mode_cfg.rank
-                    trained[f"base_model.model.{n}.lora_A.default.weight"] = (mode_cfg.rank, m.in_features)
-                    trained[f"base_model.model.{n}.lora_B.default.weight"] = (m.out_features, mode_cfg.rank)
+        case AdapterMode():  # PEFT itself decides the tensors (on the meta device: no memory)
+            from peft.tuners.lora import LoraLayer
+            from peft.tuners.lycoris_utils import LycorisLayer
+
+            wrapped = make_trainable(build_meta_model(model_cfg), mode_cfg)
+            trained = {n: tuple(p.shape) for n, p in wrapped.named_parameters() if p.requires_grad}
+            for n, m in wrapped.named_modules():
+                if isinstance(m, LoraLayer):
+                    adapted[n.removeprefix("base_model.model.")] = "dora" if m.use_dora["default"] else "lora"
+                elif isinstance(m, LycorisLayer):
+                    adapted[n.removeprefix("base_model.model.")] = "kron"
         case FullMode():
             chosen = names if not mode_cfg.unfreeze else unfreeze_starts(decoder, mode_cfg.unfreeze, 1)
             trained = {n: names[n] for n in names if n in chosen}
         case _:
             raise TypeError(f"unknown mode config {type(mode_cfg).__name__}")
-    plain = {n for n in trained if ".lora_" not in n}
+    plain = {n for n in trained if not is_adapter_tensor(n)}
 
     def numel(shape) -> int:
         return math.prod(shape)
@@ -171,9 +184,9 @@ def _train_set(model_cfg, mode_cfg) -> TrainSet:
         for n, m in linears.items():
             if n.startswith(pre):
                 rel = n[len(pre):]
-                kinds[rel] = "lora" if n in lora else ("train" if n + ".weight" in plain else "frozen")
+                kinds[rel] = adapted.get(n, "train" if n + ".weight" in plain else "frozen")
         own = [n for n in names if n.startswith(pre)]
-        lora_numel = sum(numel(s) for n, s in trained.items() if f".{pre}" in n and ".lora_" in n)
+        lora_numel = sum(numel(s) for n, s in trained.items() if f".{pre}" in n and is_adapter_tensor(n))
         layers.append(LayerTrain(
             linears=kinds,
             norms=any(n in plain for n in own if "norm" in n),
@@ -187,7 +200,7 @@ def _train_set(model_cfg, mode_cfg) -> TrainSet:
                   "tail": ("norm_out.", "proj_out.", "scale_shift_table")}
     head = {k: any(n in plain and n.startswith(p) for n in names for p in ps) for k, ps in head_names.items()}
     conv_or_linear = [n for n in plain if not n.startswith("layers.") and n.endswith(".weight") and "norm" not in n]
-    lora_all = sum(numel(s) for n, s in trained.items() if ".lora_" in n)
+    lora_all = sum(numel(s) for n, s in trained.items() if is_adapter_tensor(n))
     return TrainSet(
         decoder_params=sum(numel(s) for s in names.values()) + lora_all,
         trainable=sum(numel(s) for s in trained.values()),
@@ -226,6 +239,10 @@ def _optimizer_kind(cfg: Config) -> str:
         return "adamw"
     if name == "adafactor":
         return "adafactor"
+    if name == "prodigy":
+        return "prodigy"
+    if name.endswith("schedulefree"):  # AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
+        return "sgd_schedulefree" if name.startswith("sgd") else "schedulefree"
     if name == "sgd":
         return "sgd"
     return "unknown:" + target
@@ -264,15 +281,34 @@ def optimizer_terms(cfg: Config, ts: TrainSet) -> Tuple[int, str, int, str]:
         return (2 * sum(big) + absmax + 8 * small,
                 f"AdamW8bit: 2 x uint8 + fp32 absmax per {BNB_BLOCK} for {sum(big):.3g} params in tensors >= "
                 f"{min_size}, 2 x fp32 for {small:.3g}", 0, "bitsandbytes updates each tensor in place")
-    if kind == "adafactor":
+    if kind == "adafactor":  # transformers.optimization.Adafactor; a tensor of 2+ dims is factored
         beta1 = opts.get("beta1") is not None
         state = 0
         for _, s in ts.tensors:
             k = math.prod(s)
-            state += 4 * (s[-2] + s[-1] if len(s) >= 2 else k) + (4 * k if beta1 else 0)
+            second = 4 * (math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1]) if len(s) >= 2 else 4 * k
+            state += second + (4 * k if beta1 else 0) + 4  # + the RMS of the tensor, a 0-dim fp32 tensor
         big = max((math.prod(s) for _, s in ts.tensors), default=0)
         return (state, "Adafactor: fp32 row + column factors per matrix, full fp32 second moment per vector"
-                + (", fp32 first moment" if beta1 else ""), 4 * big, "one fp32 update the size of the largest tensor")
+                + (", fp32 first moment" if beta1 else ""), 8 * big,
+                "two fp32 buffers the size of the largest tensor (squared gradient, factored update)")
+    if kind == "prodigy":  # prodigyopt.Prodigy: exp_avg (beta1 > 0), exp_avg_sq, s and p0 (every slice_p-th value)
+        slice_p = int(opts.get("slice_p", 1))
+        moments = 2 if float(list(opts.get("betas", (0.9, 0.999)))[0]) > 0 else 1
+        state = sum(4 * moments * math.prod(s) + 2 * 4 * math.ceil(math.prod(s) / slice_p) for _, s in ts.tensors)
+        big = max((math.prod(s) for _, s in ts.tensors), default=0)
+        return (state, f"Prodigy: {moments} fp32 moment(s) + fp32 s and p0 (every {slice_p}. value) per param, "
+                f"{n:.3g} params (p0 of a tensor that starts at zero, LoRA B, is one value: at most this)",
+                4 * big, "one fp32 buffer the size of the largest tensor (sqrt(v), p0 - p)")
+    if kind == "sgd_schedulefree":  # schedulefree.SGDScheduleFree: z; it updates in place
+        return 4 * n, f"schedule-free SGD: fp32 z per trainable param, {n:.3g} params", 0, "none (in place)"
+    if kind == "schedulefree":  # schedulefree.AdamWScheduleFree / RAdamScheduleFree: z and exp_avg_sq
+        if opts.get("foreach", True) is False:
+            temp, where = 4 * max((math.prod(s) for _, s in ts.tensors), default=0), "the largest tensor"
+        else:
+            temp, where = 4 * max(_group_sizes(cfg, ts) or [0]), "the largest parameter group (foreach)"
+        return (8 * n, f"schedule-free AdamW: 2 x fp32 per trainable param (z, exp_avg_sq), {n:.3g} params",
+                temp, f"one fp32 sqrt(v) buffer the size of {where}")
     if kind == "sgd":
         momentum = float(opts.get("momentum", 0) or 0) > 0
         return (4 * n if momentum else 0, "SGD: fp32 momentum buffer" if momentum else "SGD without momentum: none",
@@ -340,7 +376,10 @@ def _linears(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], names: 
     once here unless `counted_elsewhere` (the condition, counted in the head; an attention output).
     lora: the adapter's dropout output + bool mask (a + 1) * rows * in (dropout > 0; else the input as for train)
     and its rank-r activation a * rows * r; the frozen base keeps its a-cast weight (autocast) if the input needs
-    a gradient. frozen: that cast weight only.
+    a gradient. dora: lora + the base and adapter outputs the magnitude's gradient reads, 2a * rows * out (with
+    dropout, the base runs again on the dropped input with another a-cast weight). kron (LoKr / LoHa, which
+    materialize the update and call F.linear with it): its own a-copy of the input + the a-cast update a * out * in.
+    frozen: the cast weight only.
     """
     act = cast = 0
     shared = False
@@ -351,20 +390,29 @@ def _linears(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], names: 
             cast += s.a * fan_in * fan_out
         if kind == "frozen":
             continue
-        if kind == "lora":
+        if kind in ("lora", "dora"):
             act += s.a * rows * rank
-        if kind == "lora" and dropout:
+        if kind == "dora":
+            act += 2 * s.a * rows * fan_out + (s.a * fan_in * fan_out if dropout else 0)
+        if kind == "kron":  # its own a-cast input (PEFT casts the input to the update's fp32 first) + the update
+            act += s.a * rows * fan_in + s.a * fan_in * fan_out
+        elif kind in ("lora", "dora") and dropout:
             act += (s.a + 1) * rows * fan_in
         else:
             shared = True
     return act + (s.a * rows * lin[names[0]][0] if shared and not counted_elsewhere else 0), cast
 
 
+def _reads_input(kind: str, dropout: bool) -> bool:
+    """The Linear keeps its own input for backward (a trained weight, an adapter without dropout, LoKr / LoHa)."""
+    return kind in ("train", "kron") or kind in ("lora", "dora") and not dropout
+
+
 def _o_proj(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], name: str, rank: int,
             dropout: bool) -> Tuple[int, int]:
     """o_proj reads the attention output: a view of it for SDPA (already counted), a row-major copy for eager."""
     act, cast = _linears(s, lt, lin, (name,), s.M, True, True, rank, dropout)
-    if s.eager and (lt.linears[name] == "train" or lt.linears[name] == "lora" and not dropout):
+    if s.eager and _reads_input(lt.linears[name], dropout):
         act += s.a * s.M * s.Q
     return act, cast
 
@@ -418,7 +466,7 @@ def layer_cost(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank:
         act += a * M * s.I  # the product, down_proj's input
     else:
         add(_linears(s, lt, lin, ("mlp.down_proj",), M, True, True, rank, dropout))
-        if lt.linears["mlp.down_proj"] == "lora" and not dropout:
+        if lt.linears["mlp.down_proj"] != "frozen" and _reads_input(lt.linears["mlp.down_proj"], dropout):
             act += a * M * s.I
     act += a * M * H if mod else 0  # down_proj output kept by "* c_gate"
     return act, cast
@@ -461,9 +509,9 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
     dist = str(hw.distributed) if W > 1 else "single"
     zero = hw.zero_stage if dist == "deepspeed" else 0
     fsdp = dist == "fsdp"
-    lora = isinstance(cfg.mode, LoraMode)
-    rank = cfg.mode.rank if lora else 0
-    dropout = lora and cfg.mode.dropout > 0
+    lora = isinstance(cfg.mode, AdapterMode)
+    rank = cfg.mode.rank if isinstance(cfg.mode, LoraMode) else 0
+    dropout = isinstance(cfg.mode, LoraMode) and cfg.mode.dropout > 0
     n_train = ts.trainable
     terms: List[Term] = []
 
@@ -503,7 +551,7 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
                                       s.window is not None and i % 2 == 0, bias_rows)
         layers.append((act, frozen_cast, a * M * H, F32 * lt.trainable // grad_div, a * lt.weights))
         in_grad = in_grad or lt.trainable > 0
-    cond_shared = any(lt.linears[n] == "train" or lt.linears[n] == "lora" and not dropout
+    cond_shared = any(_reads_input(lt.linears[n], dropout)
                       for lt in ts.layers for n in ("cross_attn.k_proj", "cross_attn.v_proj"))
     head_saved = ((a * batch * T * m.in_channels if ts.head["proj_in"] else 0)
                   + (a * K * s.E if cond_grad else 0) + (a * K * H if cond_shared else 0)

@@ -19,6 +19,7 @@ What differs from a CUDA run, and how it is handled:
   not applied (negligible for these tensor sizes).
 - torch's AdamW picks the multi-tensor ("foreach") kernels on a CUDA GPU and a per-tensor loop on the CPU; `foreach`
   (default True) forces the CUDA choice so its temporaries are traced.
+- LoKr / LoHa module dropout is traced as keeping every module (the higher-memory case).
 - Dropout (LoRA's) uses torch's fused kernel, as on CUDA: it keeps a 1-byte mask where the CPU path keeps a noise
   tensor of the input's dtype.
 - One process only: DDP buckets, FSDP and DeepSpeed sharding are modeled by the estimate alone.
@@ -29,6 +30,7 @@ What differs from a CUDA run, and how it is handled:
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Dict
 
@@ -97,6 +99,16 @@ class _FusedDropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         return torch.native_dropout(x, self.p, True)[0]
+
+
+def _every_module_kept(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT LoKr / LoHa layer's training forward when module_dropout keeps the module (the costlier case). PEFT draws
+    `torch.rand(1) > module_dropout` to decide, a data-dependent branch fake tensors cannot take."""
+    result = self.base_layer(x, *args, **kwargs)
+    for adapter in self.active_adapters:
+        if adapter in self._available_adapters:
+            result = result + self._get_delta_activations(adapter, x, *args, **kwargs)
+    return result.to(x.dtype)
 
 
 class _NoHook:
@@ -173,9 +185,13 @@ def trained_decoder(cfg: Config, meta: bool) -> nn.Module:
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
     if meta:
+        from peft.tuners.lycoris_utils import LycorisLayer
+
         for module in decoder.modules():
             if type(module) is nn.Dropout:
                 module.__class__ = _FusedDropout
+            if isinstance(module, LycorisLayer):
+                module.forward = types.MethodType(_every_module_kept, module)
     return decoder.train()
 
 

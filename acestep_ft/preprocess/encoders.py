@@ -157,7 +157,6 @@ class Encoders:
     @classmethod
     def load(cls, model_cfg: Any, pre: PreprocessConfig, hw: HardwareConfig) -> "Encoders":
         from diffusers import AutoencoderOobleck
-        from transformers import AutoModel, AutoTokenizer
 
         check_settings(pre)
         dit, vae_dir, text_dir = component_paths(model_cfg.path, pre)
@@ -173,14 +172,7 @@ class Encoders:
         with loading("VAE (diffusers AutoencoderOobleck)", vae_dir, "preprocess.vae_path=<the checkpoint's vae/>"):
             vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
         check_vae(vae, vae_dir)
-        with loading("text encoder (transformers model + tokenizer)", text_dir,
-                     "preprocess.text_encoder_path=<the checkpoint's Qwen3-Embedding-0.6B/>"):
-            tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
-            text_model = AutoModel.from_pretrained(str(text_dir), dtype=torch.float32).eval()
-        width = text_model.get_input_embeddings().weight.shape[1]
-        if width != model_cfg.text_hidden_dim:
-            raise ConfigError(f"{text_dir}: hidden size {width}, but model.text_hidden_dim={model_cfg.text_hidden_dim} "
-                              "(the condition encoder's input). Fix: the text encoder of this checkpoint family.")
+        tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, "preprocess.text_encoder_path")
         with loading("DiT", dit, "model.path=<an ACE-Step 1.5 DiT directory of this model variant>"):
             model = load_model(model_cfg, device="cpu", dtype=torch.float32)
         silence, silence_label = load_silence(dit, model_cfg.variant)
@@ -231,6 +223,21 @@ class Encoders:
                    "context_latents": context_latents(self.silence, t_len)}
         stored = STORED[self.pre.dtype]
         return {k: v.to(stored).contiguous() for k, v in tensors.items()}
+
+
+def load_text_encoder(path: Path, text_hidden_dim: int, key: str) -> tuple[Any, Any]:
+    """(tokenizer, text model in float32 on the CPU) from a transformers directory; its width must be the condition
+    encoder's input. Errors name `key`, the setting that points at it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    with loading("text encoder (transformers model + tokenizer)", path, f"{key}=<the checkpoint's text encoder>"):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    width = model.get_input_embeddings().weight.shape[1]
+    if width != text_hidden_dim:
+        raise ConfigError(f"{path}: hidden size {width}, but model.text_hidden_dim={text_hidden_dim} (the condition "
+                          f"encoder's input). Fix: {key}=<the text encoder of this checkpoint family>.")
+    return tokenizer, model
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped, verifiable before use.
 
 Layout of `<run_dir>/checkpoints/step-00000050/`:
-  adapter/              mode=lora: PEFT adapter (adapter_config.json + adapter_model.safetensors), loads in official inference
+  adapter/              mode=lora|lokr|loha: PEFT adapter (adapter_config.json + adapter_model.safetensors), loads in
+                        official inference; adapter/comfyui/adapter.safetensors: the same in ComfyUI's layout
   model/                mode=full: the whole model in the official layout (config.json + model.safetensors, fp32)
   training_state.pt     optimizer, scheduler, grad scaler, sampler position, RNG states of every process, step,
                         trained-tensor signature, the resolved config and a note (e.g. an emergency save)
@@ -35,7 +36,8 @@ from torch import nn
 from acestep_ft.atomic import atomic_directory, atomic_write_bytes, delete_via_trash
 from acestep_ft.digest import ALGORITHM, file_digest
 from acestep_ft.errors import UserError
-from acestep_ft.train.trainable import load_adapter_weights, trainable_state_dict
+from acestep_ft.train.adapters import load_adapter_weights
+from acestep_ft.train.trainable import trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically, record it in best.json when `best` = (step, val loss) names it, then delete all
     but the newest `keep_last`, the one of step `keep_step` and the one best.json names. `write_weights(dir)` writes
-    the trained weights (`adapter/` for LoRA, `model/` for full) into the checkpoint directory.
+    the trained weights (`adapter/` for adapter modes, `model/` for full) into the checkpoint directory.
 
     Refuses (UserError "disk full") before writing when the disk has less free space than the previous checkpoint
     took (or `expected_bytes` before the first one), and when a write fails for lack of space; the previous
@@ -214,7 +216,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, protect: set) -> None:
 
 
 def weights_dir(mode: str) -> str:
-    return "adapter" if mode == "lora" else "model"
+    return "model" if mode == "full" else "adapter"
 
 
 def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
@@ -320,7 +322,7 @@ def load_weights(path: Path, decoder: nn.Module, mode: str) -> None:
     """Load a checkpoint's trained weights into `decoder` (after `check_resume` accepted it)."""
     folder = Path(path) / weights_dir(mode)
     try:
-        if mode == "lora":
+        if mode != "full":
             load_adapter_weights(decoder, folder)
         else:
             weights = load_file(str(folder / "model.safetensors"))

@@ -2,7 +2,7 @@
 
     val = ValidationSet(source, batch_size, max_frames, seed, rank, world_size)
     loss = validation_loss(accelerator, decoder, val, objective_cfg, mu, sigma)      # same weights -> same number
-    latents = sample_latents(decoder, batch, noise, steps=8, shift=3.0, use_masks=False)
+    latents = sample_latents(decoder, batch, noise, steps, shift, use_masks=False)   # train/flow_sampler.py
 
 The validation batches are fixed: the split's samples sorted by length, cut into `batch_size` batches and dealt to
 the processes (every process runs as many batches; a process short of real ones repeats its first without counting
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -26,6 +26,7 @@ from acestep_ft.data.batch import Batch
 from acestep_ft.data.collate import collate
 from acestep_ft.data.crop import crop_sample, crop_window
 from acestep_ft.data.dataset import SampleSource
+from acestep_ft.train.flow_sampler import flow_schedule, sample_latents  # noqa: F401  (sampling lives there)
 from acestep_ft.train.objective import interpolate, sample_timesteps, velocity_target
 from acestep_ft.train.step import predict_velocity
 
@@ -119,23 +120,3 @@ def validation_loss(acc: Accelerator, decoder: torch.nn.Module, val: ValidationS
         decoder.train(was_training)
     total = acc.reduce(total, "sum")
     return float(total[0] / total[1])
-
-
-def flow_schedule(steps: int, shift: float) -> Tensor:
-    """Sampler timesteps from 1 (noise) to 0 (data), steps + 1 values, with the official shift t' = st / (1 + (s-1)t)."""
-    t = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
-
-
-@torch.no_grad()
-def sample_latents(decoder: Callable[..., Tensor], batch: Batch, noise: Tensor, steps: int, shift: float,
-                   use_masks: bool) -> Tensor:
-    """Euler integration of the learned flow from `noise` (t=1) to latents (t=0) under the batch's conditions
-    (the official ODE sampler without guidance): x <- x - (t_i - t_{i+1}) * v(x, t_i). Returns [B, T, 64] fp32."""
-    x = noise.float()
-    schedule = flow_schedule(steps, shift).tolist()
-    for t_now, t_next in zip(schedule[:-1], schedule[1:]):
-        t = torch.full((x.shape[0],), t_now, device=x.device)
-        v = predict_velocity(decoder, batch, x, t, batch.encoder_hidden_states, use_masks)
-        x = x - (t_now - t_next) * v.float()
-    return x

@@ -40,7 +40,7 @@ SUPERSEDED_PREFIX = "superseded-"
 LOCK_FILE = ".lock"
 # What an earlier run leaves in its directory (cleared by train.overwrite=true; .hydra/ is rewritten by the new run).
 RUN_OUTPUTS = ("checkpoints", "export", "samples", "preflight", "tensorboard", "wandb", METRICS_FILE,
-               "loss_curve.png", ".wandb_id")
+               "loss_curve.png", ".wandb_id", "result.json")
 
 
 # -- relaunch into a used directory ----------------------------------------------------------------------------

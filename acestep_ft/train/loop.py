@@ -26,6 +26,7 @@ from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.lifecycle import StopSignals
 from acestep_ft.train.metrics import MetricsSink
+from acestep_ft.train.optim import optimizer_metrics, training_mode
 from acestep_ft.train.step import flow_matching_loss
 from acestep_ft.train.trainable import drop_held_grads
 
@@ -93,6 +94,7 @@ def train_loop(
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train",
                unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     parts.decoder.train()
+    training_mode(parts.optimizer)  # schedule-free: weights at the training point y (a resumed one already is)
     step, saved_at = start_step, None
     if parts.early_stop.should_stop:
         acc.print(f"early stop: the resumed run had already stopped at step {step} (train.early_stop.patience="
@@ -133,6 +135,7 @@ def train_loop(
                         "train/lr": lr,  # the first group's
                         **(lrs if len(lrs) > 1 else {}),
                         "train/grad_norm": grad_norm,
+                        **optimizer_metrics(parts.optimizer),  # e.g. Prodigy's step size estimate d
                         "perf/step_time_s": elapsed,
                         "perf/samples_per_s": out.samples / elapsed,
                         "perf/frames_per_s": out.frames / elapsed,

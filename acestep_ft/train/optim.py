@@ -7,20 +7,30 @@ lora_A / lora_B are such Linears); biases, norm weights, nn.Embedding tables and
 `scale_shift_table`, `null_condition_emb`, special tokens) take 0, as usual for transformers. `optim.decay_all` decays
 every trainable tensor instead, as the official trainer does. The optimizer class is a config leaf
 (`optim.optimizer._target_`), so any torch-compatible optimizer plugs in without code.
+
+What a few optimizers need beyond that is one row of OPTIMIZER_TRAITS, read by the config check
+(`optimizer_problems`), the resume (`group_settings`), the loop (`training_mode`, `optimizer_metrics`) and the
+evaluation hooks (`evaluation_mode`): Prodigy (conf/optim/prodigy.yaml) keeps its step-size estimate d in its param
+groups and takes one lr for all of them; schedule-free AdamW (schedulefree.yaml) warms up by itself, keeps its step
+count and train/eval flag in its groups, and trains at one point (y) while it evaluates at another (the average x);
+Adafactor (adafactor.yaml) must not compute its own lr.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from typing import Dict, List, Set
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from acestep_ft.config import OptimConfig
+from acestep_ft.config import OptimConfig, Schedule
 
 # Layers whose `weight` is a matrix (or kernel) that weight decay is meant to shrink; isinstance also covers their
 # subclasses (bitsandbytes Linear8bitLt / Linear4bit, NonDynamicallyQuantizableLinear).
@@ -93,9 +103,21 @@ def group_table(groups: List[Dict]) -> str:
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Instantiate `cfg.optimizer` over the parameter groups with lr from the config."""
-    spec = OmegaConf.create(cfg.optimizer) if isinstance(cfg.optimizer, dict) else cfg.optimizer
     groups = [{k: v for k, v in g.items() if k != "pattern"} for g in param_groups(module, cfg)]
-    return instantiate(spec, params=groups, lr=cfg.lr, _convert_="all")
+    return instantiate(OmegaConf.create(constructor_spec(cfg)), params=groups, lr=cfg.lr, _convert_="all")
+
+
+def constructor_spec(cfg: OptimConfig) -> Dict[str, Any]:
+    """`cfg.optimizer` as a plain dict, less the kwargs of the schema default (AdamW's betas / eps) that the class
+    does not take and that still hold their default value: an optim YAML merges into that default and cannot delete
+    its keys (optim=adafactor inherits betas, which Adafactor has no use for). A kwarg set on purpose is kept, so the
+    constructor still refuses a misspelled one."""
+    spec = OmegaConf.to_container(OmegaConf.create(dict(cfg.optimizer)))
+    params = inspect.signature(get_class(spec["_target_"])).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return spec
+    inherited = OptimConfig().optimizer
+    return {k: v for k, v in spec.items() if k == "_target_" or k in params or k not in inherited or inherited[k] != v}
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -113,3 +135,128 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
     """LambdaLR over `lr_factor`; stepped once per optimizer step by the loop."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What some optimizers need beyond torch's contract (conf/optim/prodigy.yaml, adafactor.yaml, schedulefree.yaml).
+
+
+@dataclass(frozen=True)
+class OptimizerTraits:
+    """An optimizer class's needs, as data: every consumer (config check, resume, loop, logging) reads this table."""
+
+    running_keys: Tuple[str, ...] = ()
+    """param_group entries the optimizer writes itself while it trains (Prodigy's step size d, schedule-free's step
+    count and train/eval flag): state restored from a checkpoint, never overwritten by the configured settings."""
+    logged_keys: Tuple[str, ...] = ()
+    """param_group entries worth a metric, logged as train/opt/<key> (first group)."""
+    one_lr: bool = False
+    """Every group must have the same lr (or 0): the optimizer raises otherwise, so lr_mult may only be 1 or 0."""
+    own_schedule: bool = False
+    """The optimizer warms up and averages by itself: the LambdaLR must stay constant with no warmup."""
+    required: Tuple[Tuple[str, Any, str], ...] = ()
+    """(optimizer kwarg, value it must have, why): kwargs whose constructor default does not fit our lr handling
+    (an absent kwarg counts as wrong)."""
+    deepspeed: bool = True
+    """Works under hardware.distributed=deepspeed, whose ZeRO optimizer steps flat partitions of the weights."""
+
+
+_SCHEDULE_FREE = OptimizerTraits(
+    running_keys=("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"), logged_keys=("scheduled_lr",),
+    own_schedule=True, deepspeed=False)
+
+# by class name (the last part of optim.optimizer._target_); classes not listed need nothing special
+OPTIMIZER_TRAITS: Dict[str, OptimizerTraits] = {
+    "Prodigy": OptimizerTraits(running_keys=("d", "d_max", "d_numerator", "d_denom", "d_hat", "k"),
+                               logged_keys=("d",), one_lr=True, deepspeed=False),
+    "Adafactor": OptimizerTraits(required=(
+        ("relative_step", False, "its default (true) computes its own lr and refuses the one this trainer passes "
+                                 "(optim.lr, scheduled by optim.schedule)"),)),
+    "AdamWScheduleFree": _SCHEDULE_FREE,
+    "RAdamScheduleFree": _SCHEDULE_FREE,
+    "SGDScheduleFree": _SCHEDULE_FREE,
+}
+
+
+def base_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside Accelerate's AcceleratedOptimizer (and DeepSpeed's wrapper): follows `.optimizer`."""
+    while hasattr(getattr(optimizer, "optimizer", None), "param_groups"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def traits(optimizer: Any) -> OptimizerTraits:
+    """OPTIMIZER_TRAITS of a class path (`optim.optimizer._target_`) or an optimizer object (wrapped or not)."""
+    name = optimizer.rsplit(".", 1)[-1] if isinstance(optimizer, str) else type(base_optimizer(optimizer)).__name__
+    return OPTIMIZER_TRAITS.get(name, OptimizerTraits())
+
+
+def optimizer_problems(cfg: OptimConfig, distributed: Optional[str] = None) -> List[str]:
+    """Config problems of `cfg.optimizer` with this trainer (its lr schedule, parameter groups, hardware.distributed
+    = `distributed`), each with its fix, for the checks before a run (acestep_ft/checks.py)."""
+    t, target = traits(cfg.target), cfg.target
+    opts = dict(cfg.optimizer)
+    problems = []
+    if t.own_schedule and (cfg.schedule != Schedule.constant or cfg.warmup_steps > 0):
+        problems.append(
+            f"{target} schedules itself (warmup: optim.optimizer.warmup_steps; no decay, it averages the weights "
+            f"instead): set optim.schedule=constant optim.warmup_steps=0 (now optim.schedule={cfg.schedule}, "
+            f"optim.warmup_steps={cfg.warmup_steps}), as optim=schedulefree does.")
+    if t.one_lr:
+        mults = sorted({g.lr_mult for g in cfg.param_groups} - {0.0, 1.0})
+        if mults:
+            problems.append(f"{target} takes one learning rate for all parameter groups (its step size d is shared): "
+                            f"optim.param_groups lr_mult {mults} cannot apply; use lr_mult 1 (or 0 to freeze a "
+                            "group), or another optimizer.")
+    for key, value, why in t.required:
+        if opts.get(key) != value:
+            problems.append(f"{target} needs optim.optimizer.{key}={str(value).lower()} (now "
+                            f"{opts.get(key, '<its default>')}): {why}.")
+    if not t.deepspeed and distributed == "deepspeed":
+        problems.append(f"{target} is not supported with hardware.distributed=deepspeed (ZeRO steps flat weight "
+                        "partitions, per process): use hardware.distributed=ddp or fsdp.")
+    return problems
+
+
+def group_settings(optimizer: Any) -> List[Dict[str, Any]]:
+    """The configured settings of each param group (no params, no running state): what a resume puts back over the
+    restored groups (train/checkpoint.py apply_optimizer_settings), so Prodigy keeps its d and schedule-free its
+    step count and train/eval flag."""
+    skip = {"params", *traits(optimizer).running_keys}
+    return [{k: v for k, v in g.items() if k not in skip} for g in optimizer.param_groups]
+
+
+def optimizer_metrics(optimizer: Any) -> Dict[str, float]:
+    """train/opt/<key> of the first group for the optimizer's logged_keys (Prodigy's d: its step size is d x lr)."""
+    group = optimizer.param_groups[0]
+    return {f"train/opt/{k}": float(group[k]) for k in traits(optimizer).logged_keys if k in group}
+
+
+def _has_modes(optimizer: Any) -> bool:
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def training_mode(optimizer: Any) -> None:
+    """Put an optimizer with train/eval modes (schedule-free) in train mode: the weights are the point y where
+    gradients are taken. A no-op for other optimizers, and for a resumed one (checkpoints are saved in train mode)."""
+    base = base_optimizer(optimizer)
+    if _has_modes(base):
+        base.train()
+
+
+@contextmanager
+def evaluation_mode(optimizer: Any) -> Iterator[None]:
+    """Within: the weights are the optimizer's evaluation weights (schedule-free: the average x, not the training
+    point y); validation, samples and the export run inside, checkpoints outside (train mode: y and z resume
+    exactly). A no-op for optimizers without train/eval. Accelerate's wrapper is looked through (base_optimizer).
+    Leaving calls train(), which recomputes y from x and z: the same on an uninterrupted and a resumed run, though
+    not bit-identical to the y before. Outermost when combined with EMA weights (ema.applied() inside)."""
+    base = base_optimizer(optimizer)
+    switch = _has_modes(base) and all(g.get("train_mode", True) for g in base.param_groups)
+    if switch:
+        base.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            base.train()

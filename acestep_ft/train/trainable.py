@@ -1,7 +1,8 @@
-"""Which weights train: a PEFT LoRA adapter on the decoder (mode=lora) or the whole decoder (mode=full).
+"""Which weights train: a PEFT adapter on the decoder (mode=lora | lokr | loha, train/adapters.py) or the whole
+decoder (mode=full).
 
-Both modes return the module the loop calls and optimizes; they differ only in what requires grad and in what a
-save writes (a PEFT adapter directory, or the full model in the official layout).
+Every mode returns the module the loop calls and optimizes; they differ only in what requires grad and in what a
+save writes (a PEFT adapter directory + its ComfyUI file, or the full model in the official layout).
 """
 
 from __future__ import annotations
@@ -11,41 +12,29 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from acestep_ft.atomic import atomic_directory
-from acestep_ft.config import FullMode, LoraMode, TrainModule, UnfreezeStage
+from acestep_ft.config import AdapterMode, FullMode, TrainModule, UnfreezeStage
 from acestep_ft.model.checkpoint_io import save_full_model
+from acestep_ft.train.adapters import peft_config, save_adapter, wrap
 
-ModeConfig = Union[LoraMode, FullMode]
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ModeConfig = Union[AdapterMode, FullMode]
 
 
 def make_trainable(model: nn.Module, mode: ModeConfig) -> nn.Module:
     """Freeze everything, then unfreeze what the mode trains. Returns the decoder to call and optimize.
 
-    LoRA: the decoder wrapped by PEFT (keys relative to the decoder, as official inference expects).
+    Adapter modes: the decoder wrapped by PEFT (keys relative to the decoder, as official inference expects); the
+    adapter starts fresh (mode.init_adapter is loaded by the caller, `adapters.init_from_adapter`).
     Full: the decoder itself.
     """
     model.requires_grad_(False)
     match mode:
-        case LoraMode():
-            lora = LoraConfig(
-                r=mode.rank,
-                lora_alpha=mode.alpha,
-                lora_dropout=mode.dropout,
-                target_modules=list(mode.target_modules),
-            )
-            peft_model = get_peft_model(model.decoder, lora)
-            # Official inference saves and loads adapters as FEATURE_EXTRACTION; the type only matters when a
-            # PeftModel class is picked, which happened above, so record the official value for the saved file.
-            peft_model.peft_config["default"].task_type = "FEATURE_EXTRACTION"
-            return peft_model
+        case AdapterMode():
+            return wrap(model.decoder, peft_config(mode))
         case FullMode():
             if not mode.unfreeze:
                 model.decoder.requires_grad_(True)
@@ -115,26 +104,17 @@ def trainable_state_dict(decoder: nn.Module, weights: Optional[Dict[str, torch.T
     return decoder.state_dict() if weights is None else weights
 
 
-def save_adapter(decoder: PeftModel, directory: Path, dtype: torch.dtype = torch.float32,
-                 weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """PEFT adapter directory: adapter_config.json + adapter_model.safetensors (decoder-relative keys, `dtype`),
-    from `weights` (the wrapped decoder's full state dict) when given."""
-    decoder.save_pretrained(str(directory), safe_serialization=True, state_dict=weights)
-    if dtype != torch.float32:
-        path = str(Path(directory) / ADAPTER_WEIGHTS)
-        save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-
-
 def write_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype,
-                  weights: Optional[Dict[str, torch.Tensor]] = None) -> Path:
-    """The trained weights as a user takes them elsewhere: the PEFT adapter directory (mode=lora) or the whole model
-    in the official layout (mode=full: config.json + model.safetensors, loads in official ACE-Step inference).
+                  weights: Optional[Dict[str, torch.Tensor]] = None, comfyui: bool = False) -> Path:
+    """The trained weights as a user takes them elsewhere: the PEFT adapter directory (adapter modes; `comfyui`: also
+    its ComfyUI file) or the whole model in the official layout (mode=full: config.json + model.safetensors + the
+    official support files it can copy or write; loads in official ACE-Step inference).
 
     `weights` = the decoder's full state dict (keys of the unwrapped decoder) when the live one is sharded or
     replaced (EMA); default: the module's own.
     """
     if isinstance(decoder, PeftModel):
-        save_adapter(decoder, directory, dtype, weights)
+        save_adapter(decoder, directory, dtype, weights, comfyui)
         return Path(directory)
     state = model.state_dict()
     if weights is not None:
@@ -143,23 +123,11 @@ def write_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: 
 
 
 def export_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: torch.dtype,
-                   weights: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+                   weights: Optional[Dict[str, torch.Tensor]] = None, comfyui: bool = False) -> Path:
     """`write_trained` into `directory` atomically (the final export of a run)."""
     with atomic_directory(directory) as tmp:
-        write_trained(model, decoder, tmp, dtype, weights)
+        write_trained(model, decoder, tmp, dtype, weights, comfyui)
     return Path(directory)
-
-
-def load_adapter_weights(decoder: PeftModel, directory: Path) -> None:
-    """Load adapter weights saved by `save_adapter` into an already-wrapped decoder, refusing any mismatch."""
-    weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(decoder, weights)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"adapter in {directory} does not match the configured LoRA: missing {missing[:5]} "
-            f"unexpected {list(result.unexpected_keys)[:5]}; resume with the same mode.rank and mode.target_modules"
-        )
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from acestep_ft.config import ModelConfig
 from conftest import model_config
 from acestep_ft.model import AceStepModel, guess_variant, load_model, model_key_shapes, param_counts, save_full_model
-from acestep_ft.model.checkpoint_io import config_differences, official_config
+from acestep_ft.model.checkpoint_io import config_differences, missing_official_files, official_config
 from acestep_ft.model.variants import build_meta_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +231,9 @@ def test_save_load_round_trip_is_exact(tmp_path, inputs):
     out = tmp_path / "export" / "acestep-v15-tiny-ft"
     save_full_model(model, out, dtype=torch.float32)
     save_full_model(model, out, dtype=torch.float32)  # overwriting an existing export is atomic too
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # model=tiny trained on zeros as its silence latent: the export carries them, as official directories do
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "silence_latent.pt"]
+    assert torch.equal(torch.load(out / "silence_latent.pt"), torch.zeros(1, 64, 15000))
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dirs left behind
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "acestep" and config["architectures"] == ["AceStepConditionGenerationModel"]
@@ -381,3 +383,30 @@ def test_masks_make_real_frames_independent_of_padding(tiny, inputs):
         # a sample whose condition is entirely padding stays finite
         empty = tiny.decoder(**kw, encoder_attention_mask=torch.zeros(2, 15))
         assert torch.isfinite(empty).all()
+
+
+def test_full_export_names_the_official_files_it_could_not_copy(tmp_path):
+    """Official inference imports the config and modeling code auto_map names and reads silence_latent.pt: an export
+    of a model loaded from an official directory carries them; otherwise the export says which are missing and where
+    they come from."""
+    random_init = load_model(model_config("tiny"))
+    save_full_model(random_init, tmp_path / "a", dtype=torch.float32)
+    said = missing_official_files(tmp_path / "a", random_init.cfg)
+    for name in ("configuration_acestep_v15.py", "modeling_acestep_v15_base.py", "apg_guidance.py"):
+        assert name in said
+    assert "silence_latent.pt" not in said and "acestep/models/" in said
+    turbo = model_config("acestep15_turbo")
+    assert "Hugging Face ACE-Step/Ace-Step1.5, folder acestep-v15-turbo" in missing_official_files(tmp_path / "a", turbo)
+    official = tmp_path / "official"
+    official.mkdir()
+    for item in TINY.iterdir():
+        (official / item.name).write_bytes(item.read_bytes())
+    for name in ("configuration_acestep_v15.py", "modeling_acestep_v15_base.py", "apg_guidance.py"):
+        (official / name).write_text(f"# {name}\n")
+    torch.save(torch.randn(1, 64, 30), official / "silence_latent.pt")
+    loaded = load_model(model_config("tiny", path=str(official)))
+    save_full_model(loaded, tmp_path / "b", dtype=torch.float32)
+    assert missing_official_files(tmp_path / "b", loaded.cfg) == ""
+    assert torch.equal(torch.load(tmp_path / "b" / "silence_latent.pt"), torch.load(official / "silence_latent.pt"))
+    auto_map = json.loads((tmp_path / "b" / "config.json").read_text())["auto_map"]
+    assert all((tmp_path / "b" / (v.split(".")[0] + ".py")).is_file() for v in auto_map.values())

@@ -205,7 +205,7 @@ def test_adamw8bit_from_its_preset_keeps_8_bit_states_and_trains():
     from omegaconf import OmegaConf
 
     yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "optim" / "adamw8bit.yaml")
-    yaml.pop("defaults")
+    yaml.pop("defaults", None)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), yaml, {"lr": 1e-2}))
     weight = torch.nn.Parameter(torch.randn(128, 64))
     module = torch.nn.Module()

@@ -120,6 +120,7 @@ FAST = [
     (["mode=lora"], 4, 1000, 80),
     (["mode=full", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
     (["mode=full", "optim=adamw8bit", "train.ema.enabled=true"], 2, 600, 40),
+    (["mode=lokr"], 4, 1000, 80),
 ]
 SLOW = [
     (["mode=full"], 1, 800, 40),
@@ -133,6 +134,12 @@ SLOW = [
     (["mode=lora", "hardware.mixed_precision=no"], 4, 1000, 80),
     (["mode=lora", "optim=adamw8bit", "train.ema.enabled=true"], 4, 1000, 80),
     (["mode=lora", "mode.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"], 4, 1000, 80),
+    (["mode=lora", "mode.use_dora=true"], 4, 1000, 80),
+    (["mode=lora", "mode.use_dora=true", "mode.dropout=0", "mode.use_rslora=true"], 4, 1000, 80),
+    (["mode=lokr", "mode.decompose_both=true", "mode.rank=8", "mode.target_modules=[q_proj,v_proj,gate_proj]"],
+     4, 1000, 80),
+    (["mode=loha", "mode.rank_dropout=0.1"], 4, 1000, 80),
+    (["mode=loha", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
 ]
 
 

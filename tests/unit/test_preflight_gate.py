@@ -170,6 +170,7 @@ def test_strategy_refusals():
     assert strategy_problems(cfg_of("hardware=a100", "hardware.distributed=fsdp"), on_cpu=False) == []
 
 
+@pytest.mark.slow  # default-suite budget; CI runs it
 def test_fit_table_script_backs_the_readme_claim():
     proc = subprocess.run([sys.executable, "scripts/preflight_table.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

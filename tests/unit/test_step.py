@@ -14,7 +14,8 @@ from acestep_ft.data.batch import Batch
 from acestep_ft.model import load_model
 from acestep_ft.train.optim import build_optimizer
 from acestep_ft.train.step import flow_matching_loss
-from acestep_ft.train.trainable import make_trainable, save_adapter
+from acestep_ft.train.adapters import save_adapter
+from acestep_ft.train.trainable import make_trainable
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "assets" / "official_tiny"
