@@ -175,7 +175,8 @@ class AdapterMode:
     """What every adapter mode shares: where adapters go on the DiT decoder, their size, and where they start."""
 
     rank: int = 64
-    """Adapter rank r (LoKr: the rank of the decomposed Kronecker factor)."""
+    """Adapter rank r (LoKr: the rank of the decomposed Kronecker factor(s); a factor too small to gain from a
+    decomposition is kept full)."""
     alpha: float = 128.0
     """Adapter alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with LoRA's use_rslora)."""
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -204,9 +205,6 @@ class LokrMode(AdapterMode):
     """Train a PEFT LoKr (Kronecker-product) adapter on the DiT decoder; everything else frozen."""
 
     name: ClassVar[str] = "lokr"
-    rank: int = 64
-    """Rank of the low-rank factor(s); a factor whose sides are smaller than this is kept full."""
-    alpha: float = 128.0
     decompose_both: bool = False
     """Also decompose the left (smaller) Kronecker factor into two low-rank matrices."""
     decompose_factor: int = -1
