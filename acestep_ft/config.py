@@ -27,6 +27,12 @@ class DataFormat(StrEnum):
     v3_sharded = "v3_sharded"
 
 
+class ChecksumPolicy(StrEnum):
+    always = "always"
+    first_read = "first_read"
+    never = "never"
+
+
 class CachePolicy(StrEnum):
     none = "none"
     mmap = "mmap"
@@ -298,8 +304,10 @@ class PreprocessedDataset(DatasetConfig):
     """Dataset directory (v3: index.jsonl + shards; pt: manifest.json, preprocess_meta.json, or just *.pt files)."""
     format: DataFormat = DataFormat.auto
     """auto = detect from the directory; v3_sharded = webdataset shards + index; pt = official / Side-Step .pt files."""
-    verify_checksums: bool = True
-    """v3: check each sample's checksum when it is read (catches corrupted shards; costs one pass over the bytes)."""
+    verify_checksums: ChecksumPolicy = ChecksumPolicy.first_read
+    """v3: check a sample's checksum (catches corrupted shards; one pass over its bytes): first_read = the first time
+    each process reads it, then trust it (an mmap'd or cached sample is not re-hashed every epoch); always = every
+    read; never = no check."""
     val_path: Optional[str] = None
     """A separate preprocessed directory to validate on (instead of val_fraction)."""
     allow_fingerprint_mismatch: bool = False

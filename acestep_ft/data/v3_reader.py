@@ -127,10 +127,17 @@ def _dtype(name: str) -> torch.dtype:
 class V3Directory:
     """Map-style `SampleSource` over a v3 directory (see module docstring); picklable and safe across fork."""
 
-    def __init__(self, path: str | Path, encoder_width: int, verify_checksums: bool = True,
+    def __init__(self, path: str | Path, encoder_width: int, verify_checksums: str | bool = "always",
                  use_mmap: bool = True) -> None:
+        """verify_checksums: "always" (every read), "first_read" (once per sample and process), "never"; True /
+        False = always / never."""
         self.root = Path(path).expanduser()
-        self.encoder_width, self.verify_checksums, self.use_mmap = encoder_width, verify_checksums, use_mmap
+        verify = {True: "always", False: "never"}.get(verify_checksums, str(verify_checksums))
+        if verify not in ("always", "first_read", "never"):
+            raise ValueError(f"verify_checksums={verify_checksums!r}: expected always, first_read or never")
+        self.encoder_width, self.verify_checksums, self.use_mmap = encoder_width, verify != "never", use_mmap
+        self.verify_once = verify == "first_read"
+        self._verified: set[int] = set()  # first_read: indices this process has checked (a fork inherits them)
         index = self.root / INDEX_NAME
         if not index.is_file():
             raise _not_v3(self.root)
@@ -140,7 +147,7 @@ class V3Directory:
         if verify_checksums and self.checksum_name not in CHECKSUMS:
             raise data_error(index, "checksum algorithm not available", found=repr(self.checksum_name),
                              expected=f"one of {sorted(CHECKSUMS)}",
-                             fix="pip install xxhash, or set dataset.verify_checksums=false.")
+                             fix="pip install xxhash, or set dataset.verify_checksums=never.")
         self.shards = [s["name"] for s in header["shards"]]
         sizes = [s["bytes"] for s in header["shards"]]
         for name, size in zip(self.shards, sizes):
@@ -271,15 +278,18 @@ class V3Directory:
         n, i = len(self._recs), operator.index(i)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples in {self.root}")
+        i %= n  # one index per sample for first_read
         shard, off, length, checksum, fields, _ = self._recs[i]
         buf, base = self._buffer(i, shard, off, length)
-        if self.verify_checksums:
+        if self.verify_checksums and i not in self._verified:
             with memoryview(buf) as view:
                 ok = self._hash(view[off - base: off - base + length]) == checksum
             if not ok:
                 raise data_error(self.root / self.shards[shard], f"sample '{self._names[i]}' is corrupted",
                                  found=f"a {self.checksum_name} checksum that differs from index.jsonl",
                                  fix="restore the shard from a backup, or " + _RECONVERT)
+            if self.verify_once:
+                self._verified.add(i)
         tensors = {f: torch.frombuffer(buf, dtype=dt, count=numel, offset=o - base).view(shape)
                    for f, dt, shape, o, numel in fields}
         return Sample(key=self._names[i], **tensors)

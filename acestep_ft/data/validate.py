@@ -98,6 +98,7 @@ class _ScanV3(V3Directory):
 
     def __init__(self, root: Path, problems: list[Problem]) -> None:  # noqa: super().__init__ would raise
         self.root, self.verify_checksums, self.use_mmap = root, True, False
+        self.verify_once, self._verified = False, set()  # validation checks every read
         index = root / INDEX_NAME
         lines = index.read_bytes().splitlines()
         try:

@@ -74,7 +74,8 @@ RESUMABLE_CHANGES = ("train.resume", "train.resume_strict", "train.stop_at_step"
                      "train.save_every", "train.keep_last", "train.plot", "logger.", "train.val_every",
                      "train.early_stop.", "train.samples.", "train.export_dtype", "train.ema.for_eval",
                      "train.ema.for_export", "preflight.", "hardware.memory_gb", "train.overwrite",
-                     "train.nonfinite", "train.max_nonfinite_skips")
+                     "train.nonfinite", "train.max_nonfinite_skips", "train.export_comfyui", "dataset.verify_checksums",
+                     "mode.init_adapter")
 BEST_FILE = "best.json"
 OPTIMIZER_CLASS = "optim.optimizer._target_"
 

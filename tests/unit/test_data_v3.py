@@ -205,3 +205,28 @@ def test_detect_format(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="not a dataset directory; found notes.txt"):
         detect_format(tmp_path / "other")
+
+
+def test_checksum_policies_first_read_checks_each_sample_once(tmp_path):
+    """dataset.verify_checksums: always re-hashes every read; first_read hashes a sample the first time this process
+    reads it and then trusts it (a shard damaged later goes unnoticed for samples already read); never does not hash."""
+    root, written = write(tmp_path)
+    entry = json.loads((root / INDEX_NAME).read_text().splitlines()[2])  # sample 1
+    for use_mmap in (True, False):
+        always, once = V3Directory(root, H, "always", use_mmap), V3Directory(root, H, "first_read", use_mmap)
+        for src in (always, once):
+            src[1]
+        calls = []
+        original = once._hash
+        once._hash = lambda view: calls.append(1) or original(view)
+        once[1], once[-len(once) + 1], once[0]
+        assert len(calls) == 1  # sample 1 (also as a negative index) was checked already; sample 0 once
+    flip_byte(root / entry["shard"], entry["tensors"]["target_latents"][2] + 3)
+    with pytest.raises(DataError, match="is corrupted"):
+        V3Directory(root, H, "first_read")[1]  # its first read is checked
+    with pytest.raises(DataError, match="is corrupted"):
+        always[1]
+    once[1]  # checked before the damage: trusted
+    assert not torch.equal(V3Directory(root, H, "never")[1].target_latents, written[1][1]["target_latents"])
+    with pytest.raises(ValueError, match="always, first_read or never"):
+        V3Directory(root, H, "sometimes")
