@@ -143,6 +143,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     assert losses(tmp_path) == baseline
 
 
+@pytest.mark.slow  # default-suite budget (unit: tests/unit/test_checkpoint.py, test_optim_presets.py); CI runs it
 def test_non_strict_resume_trains_with_the_changed_optimizer_settings(tmp_path):
     run(tmp_path, "train.stop_at_step=20")
     proc = run(tmp_path, "train.resume=auto", "train.resume_strict=false", "optim.lr=1e-2", "optim.weight_decay=0.5")
