@@ -1,8 +1,8 @@
-"""Held-out evaluation: a validation loss that is a pure function of the weights, and latents sampled from fixed noise.
+"""Held-out evaluation: a validation loss that is a pure function of the weights, and the fixed noise previews start
+from (the sampler itself is train/flow_sampler.py).
 
     val = ValidationSet(source, batch_size, max_frames, seed, rank, world_size)
     loss = validation_loss(accelerator, decoder, val, objective_cfg, mu, sigma)      # same weights -> same number
-    latents = sample_latents(decoder, batch, noise, steps, shift, use_masks=False)   # train/flow_sampler.py
 
 The validation batches are fixed: the split's samples sorted by length, cut into `batch_size` batches and dealt to
 the processes (every process runs as many batches; a process short of real ones repeats its first without counting
@@ -26,7 +26,6 @@ from acestep_ft.data.batch import Batch
 from acestep_ft.data.collate import collate
 from acestep_ft.data.crop import crop_sample, crop_window
 from acestep_ft.data.dataset import SampleSource
-from acestep_ft.train.flow_sampler import flow_schedule, sample_latents  # noqa: F401  (sampling lives there)
 from acestep_ft.train.objective import interpolate, sample_timesteps, velocity_target
 from acestep_ft.train.step import predict_velocity
 

@@ -11,9 +11,8 @@ from acestep_ft.data.dataset import InMemorySource, SubsetSource, held_out, spli
 from acestep_ft.data.synthetic import make_synthetic_samples
 from acestep_ft.model import load_model
 from acestep_ft.train.early_stop import EarlyStopping
-from acestep_ft.train.evaluate import (
-    ValidationSet, fixed_noise, flow_schedule, per_sample_loss, sample_latents, validation_loss,
-)
+from acestep_ft.train.evaluate import ValidationSet, fixed_noise, per_sample_loss, validation_loss
+from acestep_ft.train.flow_sampler import flow_schedule, sample_latents
 from conftest import model_config
 
 
