@@ -162,8 +162,9 @@ def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Modu
                                           comfyui=cfg.train.export_comfyui)
                 acc.print(f"export: {exported} ({cfg.train.export_dtype}{', EMA weights' if use_ema else ''}; the best "
                           "validated weights, when there is a split, are named in checkpoints/best.json)")
-                if isinstance(cfg.mode, FullMode) and missing_official_files(exported, model.cfg):
-                    acc.print("export: " + missing_official_files(exported, model.cfg))
+                missing = missing_official_files(exported, model.cfg) if isinstance(cfg.mode, FullMode) else ""
+                if missing:
+                    acc.print("export: " + missing)
                 elif (exported / COMFYUI_FILE).is_file():
                     acc.print(f"export: {exported / COMFYUI_FILE} (ComfyUI layout: strength 1.0 = the trained update)")
         acc.wait_for_everyone()
