@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from acestep_ft.config import (
-    AdapterMode, Config, Device, Distributed, FullMode, MixedPrecision, NonfinitePolicy, PreprocessedDataset, flatten,
-    resolve_hardware,
+    AdapterMode, Config, Device, Distributed, FrozenDtype, FullMode, MixedPrecision, NonfinitePolicy,
+    PreprocessedDataset, field_default, flatten, resolve_hardware,
 )
 from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.distributed import strategy_problems
@@ -27,6 +27,7 @@ from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model.variants import build_meta_model
+from acestep_ft.preflight.gate import world_size_from_env
 from acestep_ft.train.checkpoint import TrainingState, check_resume, read_state, signature
 from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
 from acestep_ft.train.optim import optimizer_problems, param_groups
@@ -83,6 +84,7 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
     on_cpu, _ = resolve_hardware(cfg.hardware, torch.cuda.is_available(), False)
     if cfg.hardware.mixed_precision == MixedPrecision.fp16 and on_cpu:
         problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
+    problems += frozen_dtype_problems(cfg, on_cpu)
     try:
         checkpointed_layers(cfg.hardware.gradient_checkpointing, cfg.model.num_hidden_layers)
     except ValueError as err:
@@ -107,6 +109,23 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
     if relaunch:
         raise ConfigError(relaunch)
     return resume_from, notes
+
+
+def frozen_dtype_problems(cfg: Config, on_cpu: bool) -> List[str]:
+    """An explicit low-precision frozen base needs autocast (fp32 activations cannot meet bf16 weights in a matmul)
+    and cannot be sharded by FSDP2 next to fp32 trained tensors."""
+    frozen = cfg.model.frozen_dtype
+    if frozen in (FrozenDtype.auto, FrozenDtype.float32):
+        return []
+    precision = cfg.hardware.mixed_precision
+    if precision == MixedPrecision.no or (precision == MixedPrecision.auto and on_cpu):
+        return [f"model.frozen_dtype={frozen} needs autocast: set hardware.mixed_precision=bf16 (or fp16 on a CUDA "
+                "GPU), or model.frozen_dtype=float32 (auto picks float32 without autocast)."]
+    if cfg.hardware.distributed == Distributed.fsdp and world_size_from_env() > 1:
+        return [f"model.frozen_dtype={frozen} with hardware.distributed=fsdp: FSDP2 all-gathers each layer's "
+                "parameters in one dtype, so frozen and trained tensors cannot differ. Use model.frozen_dtype=auto "
+                "(float32 under FSDP) or hardware.distributed=ddp."]
+    return []
 
 
 def model_path_problems(path: Optional[str]) -> List[str]:
@@ -159,8 +178,10 @@ def check_resume_config(cfg: Config, path: Path, world_size: int, say: Callable[
     state = read_state(path)
     decoder = make_trainable(build_meta_model(cfg.model), cfg.mode)
     groups = [(g["name"], len(g["params"])) for g in param_groups(decoder, cfg.optim)]
-    for warning in check_resume(state, path, cfg.mode.name, flat_config(cfg, world_size), cfg.train.resume_strict,
-                                data_fingerprint_digest(cfg), signature(decoder), groups):
+    flat = flat_config(cfg, world_size)
+    defaults = {k: field_default(cfg, k) for k in flat if k not in state.config}  # settings newer than the checkpoint
+    for warning in check_resume(state, path, cfg.mode.name, flat, cfg.train.resume_strict,
+                                data_fingerprint_digest(cfg), signature(decoder), groups, defaults):
         say(warning)
     if state.note:
         say(f"{path} was saved with a note: {state.note}")

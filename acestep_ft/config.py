@@ -19,6 +19,14 @@ from omegaconf import MISSING
 class AttnImplementation(StrEnum):
     sdpa = "sdpa"
     eager = "eager"
+    flex = "flex"
+
+
+class FrozenDtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 class DataFormat(StrEnum):
@@ -173,7 +181,13 @@ class ModelConfig:
     model_version: str = "base"
     """Official model_version string written into exported config.json."""
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    """Attention kernel: torch SDPA (fast) or explicit softmax in fp32 (the official eager path)."""
+    """Attention kernel: sdpa = torch SDPA (sliding-window layers pass a dense band mask); eager = explicit softmax
+    in fp32 (the official eager path); flex = FlexAttention with a block-sparse sliding-window mask (compiled on CUDA,
+    so band layers skip the blocks outside the window)."""
+    frozen_dtype: FrozenDtype = FrozenDtype.auto
+    """dtype of the weights training never updates (the frozen base under LoRA, the condition encoder, tokenizer and
+    detokenizer); trained weights and adapters stay float32 masters. auto = bfloat16 on a CUDA device with autocast,
+    float32 otherwise (a non-float32 frozen base needs hardware.mixed_precision bf16 or fp16)."""
 
 
 @dataclass
@@ -318,7 +332,7 @@ class PreprocessedDataset(DatasetConfig):
 class CacheConfig:
     """Keep decoded samples in memory between epochs."""
 
-    policy: CachePolicy = CachePolicy.none
+    policy: CachePolicy = CachePolicy.auto
     """none = read each sample from disk every time; mmap = map v3 shards (or .pt files) and read through the page
     cache without copies; ram_lru = keep up to max_gb of decoded samples in RAM, least recently used evicted;
     auto = mmap for v3, ram_lru when a .pt dataset fits max_gb and free RAM, else none (the run says which and why)."""
@@ -402,6 +416,13 @@ class HardwareConfig:
     memory_gb: Optional[float] = None
     """Device memory budget per process in GiB for the memory preflight; None = the visible GPU's total memory
     (no budget on the CPU)."""
+    compile: bool = False
+    """torch.compile each DiT layer separately (regional: compile time of one layer, reused by all of them); the first
+    steps of each new padded length are slower while it compiles. Pair with length_multiple to bound the lengths."""
+    length_multiple: int = 0
+    """Pad every micro-batch's latent frames up to a multiple of this (e.g. 250 = 10 s), so compiled kernels meet
+    a bounded set of shapes. The extra frames are ordinary padding (objective.loss_mask / attention_mask decide whether
+    padding counts, as for the batch's own). 0 = pad to the longest clip in the batch only."""
 
 
 @dataclass
@@ -591,6 +612,37 @@ def resolve_hardware(hw: HardwareConfig, cuda: bool, cuda_bf16: bool) -> tuple[b
     if hw.mixed_precision == MixedPrecision.auto:
         precision = "bf16" if not on_cpu and cuda_bf16 else "no"
     return on_cpu, precision
+
+
+def resolve_frozen_dtype(model: ModelConfig, hw: HardwareConfig, on_cpu: bool, precision: str,
+                         world_size: int = 1) -> str:
+    """The torch dtype name of the weights training never updates (model.frozen_dtype). auto = the autocast dtype
+    on a CUDA GPU; float32 on the CPU, without autocast, and under multi-process FSDP (FSDP2 all-gathers each
+    layer's parameters as one flat buffer of a single dtype, and a LoRA layer mixes frozen and fp32 tensors)."""
+    if model.frozen_dtype != FrozenDtype.auto:
+        return str(model.frozen_dtype)
+    if on_cpu or precision == "no" or (world_size > 1 and hw.distributed == Distributed.fsdp):
+        return "float32"
+    return {"bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def field_default(cfg: Any, key: str) -> Any:
+    """The dataclass default of a flattened key ("hardware.compile" -> False) of a typed config, enums as strings;
+    None when the key names no field with a default. A checkpoint written before a field existed was trained with
+    that default."""
+    import dataclasses
+
+    *path, name = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part, None)
+    if not dataclasses.is_dataclass(node):
+        return None
+    spec = next((f for f in dataclasses.fields(node) if f.name == name), None)
+    if spec is None or (spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING):
+        return None
+    value = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    return str(value) if isinstance(value, StrEnum) else value
 
 
 def flatten(cfg: Any) -> dict:

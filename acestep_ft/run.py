@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from acestep_ft.checks import (
     check_config, check_data_fingerprint, check_resume_config, data_fingerprint_digest, flat_config, validation_dir,
 )
-from acestep_ft.config import AdapterMode, Config, Distributed, FullMode, resolve_hardware
+from acestep_ft.config import AdapterMode, Config, Distributed, FullMode, resolve_frozen_dtype, resolve_hardware
 from acestep_ft.data import BatchStream, build_dataset
 from acestep_ft.data.batch import Sample
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
@@ -39,6 +39,7 @@ from acestep_ft.distributed import (
 from acestep_ft.errors import UserError
 from acestep_ft.launch import Launch, write_record
 from acestep_ft.model import load_model
+from acestep_ft.model.compile import compile_layers
 from acestep_ft.model.checkpoint_io import missing_official_files
 from acestep_ft.preflight.gate import preflight, world_size_from_env, write_rewrite
 from acestep_ft.preprocess.encoders import COMPUTE
@@ -57,7 +58,8 @@ from acestep_ft.train.optim import (build_optimizer, build_scheduler, evaluation
                                     param_groups)
 from acestep_ft.train.previews import build_previews
 from acestep_ft.train.trainable import (
-    count_parameters, export_trained, held_back, make_trainable, unfreeze_starts, write_trained,
+    cast_frozen_, count_parameters, export_trained, held_back, make_trainable, trained_at_load, unfreeze_starts,
+    write_trained,
 )
 
 
@@ -265,18 +267,25 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     flat = flat_config(cfg, acc.num_processes)
     set_seed(cfg.train.seed, device_specific=True)  # seed + rank: each process draws its own noise
 
-    model = load_model(cfg.model)
+    frozen = getattr(torch, resolve_frozen_dtype(cfg.model, cfg.hardware, on_cpu, precision, acc.num_processes))
+    model = load_model(cfg.model, dtype=frozen, float32_keys=trained_at_load(cfg.mode))
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
+    cast_frozen_(model, frozen)  # the adapter and any trained weight in float32, the rest stays `frozen`
     if isinstance(cfg.mode, AdapterMode) and cfg.mode.init_adapter is not None and state is None:
         print0(init_from_adapter(decoder, cfg.mode.init_adapter, cfg.model))
+    if cfg.hardware.compile:
+        print0(f"compile: {compile_layers(decoder)} DiT layers compiled one by one (hardware.compile=true); the first "
+               "step of each new batch length compiles")
     if acc.num_processes > 1 and (cfg.model.path is None or cfg.hardware.distributed == Distributed.fsdp):
         # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
         # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
         broadcast_module_(model if cfg.model.path is None else decoder)
     trainable, total = count_parameters(model)
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
-           f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%)")
+           f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%, float32), frozen weights in "
+           f"{str(frozen).replace('torch.', '')} (model.frozen_dtype={cfg.model.frozen_dtype}); only the decoder goes "
+           f"to {acc.device}")
 
     check_data_fingerprint(cfg, model, print0)
     train_source, val_source = build_sources(cfg, model.null_condition_emb.shape[-1], print0)
@@ -308,7 +317,7 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
         changed = apply_optimizer_settings(optimizer, scheduler, fresh_groups)
         if changed:
             print0("applied the configured optimizer settings to the restored optimizer:\n  " + "\n  ".join(changed))
-    null_embedding = model.null_condition_emb.detach().to(acc.device)
+    null_embedding = model.null_condition_emb.detach().to(acc.device, torch.float32)
     held = []
     if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
         starts = unfreeze_starts(acc.unwrap_model(decoder), cfg.mode.unfreeze, steps_per_epoch)

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -151,16 +151,22 @@ def _check_keys(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tup
     )
 
 
-def load_model(cfg: Any, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> AceStepModel:
+def load_model(cfg: Any, device: Any = "cpu", dtype: torch.dtype = torch.float32,
+               float32_keys: Optional[Callable[[str], bool]] = None) -> AceStepModel:
     """Build an `AceStepModel` from `cfg`; weights from `cfg.path`, or random init if it is None.
 
     Random init uses torch's global RNG on the CPU (seed torch before calling for reproducible weights).
-    Loading builds the model on the meta device and assigns the checkpoint tensors (cast to `dtype`, moved to
-    `device`) so a full-size model is allocated once. Raises ValueError on any config.json architecture difference or
-    any missing / unexpected / mis-shaped key.
+    Loading builds the model on the meta device and assigns the checkpoint tensors (cast to `dtype`, or to float32
+    for the keys `float32_keys` selects, moved to `device`) so a full-size model is allocated once, in the dtype it
+    will train in. Raises ValueError on any config.json architecture difference or any missing / unexpected /
+    mis-shaped key.
     """
+    keep32 = float32_keys or (lambda key: False)
     if cfg.path is None:
-        return AceStepModel(cfg).to(device=device, dtype=dtype)
+        model = AceStepModel(cfg).to(device=device)
+        for name, p in model.named_parameters():
+            p.data = p.data.to(torch.float32 if keep32(name) else dtype)
+        return model
     path = Path(os.path.expanduser(str(cfg.path)))
     files, config_file = _weight_files(path)
     official = json.loads(config_file.read_text()) if config_file else None
@@ -185,7 +191,9 @@ def load_model(cfg: Any, device: Any = "cpu", dtype: torch.dtype = torch.float32
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # one tensor at a time: cast + move before reading the next
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(key)
+                target = (torch.float32 if keep32(key) else dtype) if tensor.is_floating_point() else tensor.dtype
+                state[key] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:  # cannot happen with a strict key check, but a meta tensor would fail much later and obscurely

@@ -4,7 +4,7 @@
     est = estimate_memory(cfg, batch=4, frames=6000, cond_len=769)   # one device
     print(est.table()); est.total                                    # bytes
 
-What one step holds on the device (run.py / train/loop.py): the decoder in fp32 (PEFT-wrapped for LoRA; the
+What one step holds on the device (run.py / train/loop.py): the decoder (PEFT-wrapped for LoRA; the
 condition encoder, tokenizer and detokenizer stay in host RAM), the float32 batch, the optimizer state, the EMA
 copy, and, during the step, autocast weight copies, saved activations, gradients and the optimizer's
 temporaries. Those last ones do not all peak together, so the estimate walks the step and keeps the highest point:
@@ -16,7 +16,8 @@ H hidden, Q = heads*head_dim, V = kv_heads*head_dim, I intermediate, E condition
 a = bytes of the autocast dtype (2 for bf16/fp16, 4 without autocast), f = 4 (fp32).
 
 Resident (the whole step)
-- weights           4 * decoder params (frozen base + adapters); FSDP: / world, DeepSpeed ZeRO-3: / world.
+- weights           4 * trained params + bytes of model.frozen_dtype * frozen decoder params (auto: bf16 on a CUDA GPU
+                    with autocast, fp32 on the CPU and under multi-process FSDP); FSDP: / world, ZeRO-3: / world.
 - optimizer states  AdamW: 8 * trainable; AdamW8bit: 2 bytes + 2 fp32 absmax per 256 values for tensors of
                     >= 4096 values, 8 bytes for smaller ones; Adafactor: 4 * (rows + cols) per matrix (rows = all
                     dims but the last), 4 * n per vector, + 4 * n with beta1, + a 4-byte RMS per tensor;
@@ -39,7 +40,7 @@ Forward/backward high-water mark (walked layer by layer; adapter/full/unfreeze d
   (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r
   (DoRA also the base and adapter outputs, 2a*M*out); LoKr / LoHa keep their own input copy a*M*in and the
   materialized a-cast update a*out*in; a frozen Linear whose input needs a gradient keeps its a-cast weight under
-  autocast).
+  autocast, unless the frozen weights already are in the autocast dtype).
 - checkpointed layers keep only their input (a*M*H); in the backward pass one layer at a time is recomputed.
 - autocast weight cache: a * trainable Linear/Conv weights, alive until the forward returns (checkpointed layers
   drop theirs then; the others keep them as saved tensors until their backward).
@@ -68,7 +69,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from acestep_ft.config import AdapterMode, Config, FullMode, LoraMode
+from acestep_ft.config import AdapterMode, Config, FullMode, LoraMode, resolve_frozen_dtype
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.optim import takes_weight_decay
@@ -333,6 +334,7 @@ class _Shape:
     E: int
     heads: int
     a: int  # bytes of the autocast dtype
+    frozen_cast: bool  # frozen weights get an autocast copy (autocast on, frozen dtype is not the autocast dtype)
     eager: bool
     window: int | None
 
@@ -386,14 +388,14 @@ def _linears(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], names: 
     for name in names:
         kind = lt.linears[name]
         fan_in, fan_out = lin[name]
-        if kind != "train" and in_grad and s.a != F32:
+        if kind != "train" and in_grad and s.frozen_cast:
             cast += s.a * fan_in * fan_out
         if kind == "frozen":
             continue
         if kind in ("lora", "dora"):
             act += s.a * rows * rank
         if kind == "dora":
-            act += 2 * s.a * rows * fan_out + (s.a * fan_in * fan_out if dropout else 0)
+            act += 2 * s.a * rows * fan_out + (s.a * fan_in * fan_out if dropout and s.frozen_cast else 0)
         if kind == "kron":  # its own a-cast input (PEFT casts the input to the update's fp32 first) + the update
             act += s.a * rows * fan_in + s.a * fan_in * fan_out
         elif kind in ("lora", "dora") and dropout:
@@ -483,12 +485,25 @@ def _autocast_bytes(cfg: Config) -> int:
     return 4 if precision == "no" or (precision == "auto" and device == "cpu") else 2
 
 
-def _shape(cfg: Config, batch: int, frames: int, cond_len: int) -> _Shape:
+def frozen_dtype(cfg: Config, world_size: int = 1) -> torch.dtype:
+    """The dtype run.py gives the frozen weights (model.frozen_dtype), for the device the estimate assumes: the CPU
+    for hardware.device=cpu, else a CUDA GPU with bf16 (mixed_precision auto)."""
+    on_cpu = str(cfg.hardware.device) == "cpu"
+    precision = str(cfg.hardware.mixed_precision)
+    if precision == "auto":
+        precision = "no" if on_cpu else "bf16"
+    return getattr(torch, resolve_frozen_dtype(cfg.model, cfg.hardware, on_cpu, precision, world_size))
+
+
+def _shape(cfg: Config, batch: int, frames: int, cond_len: int, world_size: int = 1) -> _Shape:
     m = cfg.model
+    a = _autocast_bytes(cfg)
+    autocast = {"fp16": torch.float16}.get(str(cfg.hardware.mixed_precision), torch.bfloat16)
     return _Shape(B=batch, N=-(-frames // m.patch_size), L=cond_len, H=m.hidden_size,
                   Q=m.num_attention_heads * m.head_dim, V=m.num_key_value_heads * m.head_dim,
                   I=m.intermediate_size, E=m.encoder_hidden_size or m.hidden_size, heads=m.num_attention_heads,
-                  a=_autocast_bytes(cfg), eager=str(m.attn_implementation) == "eager",
+                  a=a, frozen_cast=a != F32 and frozen_dtype(cfg, world_size) != autocast,
+                  eager=str(m.attn_implementation) == "eager",
                   window=m.sliding_window if m.use_sliding_window else None)
 
 
@@ -502,14 +517,13 @@ def batch_bytes(cfg: Config, batch: int, frames: int, cond_len: int) -> int:
 def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_size: int = 1) -> MemoryEstimate:
     """Peak device memory of one steady-state training step on ONE device (see the module docstring)."""
     ts = train_set(cfg)
-    s = _shape(cfg, batch, frames, cond_len)
+    s = _shape(cfg, batch, frames, cond_len, world_size)
     hw, m = cfg.hardware, cfg.model
     a, M, K, H, T, C = s.a, s.M, s.K, s.H, frames, m.audio_acoustic_hidden_dim
     W = max(1, world_size)
     dist = str(hw.distributed) if W > 1 else "single"
     zero = hw.zero_stage if dist == "deepspeed" else 0
     fsdp = dist == "fsdp"
-    lora = isinstance(cfg.mode, AdapterMode)
     rank = cfg.mode.rank if isinstance(cfg.mode, LoraMode) else 0
     dropout = isinstance(cfg.mode, LoraMode) and cfg.mode.dropout > 0
     n_train = ts.trainable
@@ -517,11 +531,12 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
 
     # --- resident ---
     shard_params = fsdp or zero == 3
-    weights = F32 * ts.decoder_params
+    frozen = frozen_dtype(cfg, W)
+    weights = F32 * n_train + frozen.itemsize * (ts.decoder_params - n_train)
     if shard_params:
         weights = 0 if hw.offload and fsdp else weights // W
-    terms.append(Term("weights", weights, f"fp32 decoder, {ts.decoder_params:.4g} params"
-                      + (f" ({n_train:.3g} trainable)" if lora else "")
+    terms.append(Term("weights", weights, f"decoder, {ts.decoder_params:.4g} params: {n_train:.3g} trained fp32, "
+                      f"the rest {str(frozen).replace('torch.', '')} (model.frozen_dtype)"
                       + ("; sharded / " + str(W) if shard_params else "") + ("; offloaded" if fsdp and hw.offload
                                                                               else "")))
     state, state_detail, opt_temp, opt_temp_detail = optimizer_terms(cfg, ts)

@@ -41,10 +41,11 @@ from acestep_ft.config import Config, MixedPrecision
 from acestep_ft.data.batch import Batch
 from acestep_ft.model.acestep import AceStepModel
 from acestep_ft.model.variants import build_meta_model
+from acestep_ft.preflight.estimate import frozen_dtype
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.optim import build_optimizer
 from acestep_ft.train.step import flow_matching_loss
-from acestep_ft.train.trainable import make_trainable
+from acestep_ft.train.trainable import cast_frozen_, make_trainable
 
 # Batches alive on the device with hardware.device_prefetch: the one in use + the queue (depth 2) + the one the
 # worker thread holds while it waits for a free queue slot (acestep_ft/data/prefetch.py).
@@ -184,6 +185,7 @@ def trained_decoder(cfg: Config, meta: bool) -> nn.Module:
     model = build_meta_model(cfg.model) if meta else AceStepModel(cfg.model)
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
+    cast_frozen_(model, frozen_dtype(cfg))  # as run.py does, for the device the config names
     if meta:
         from peft.tuners.lycoris_utils import LycorisLayer
 

@@ -75,7 +75,7 @@ RESUMABLE_CHANGES = ("train.resume", "train.resume_strict", "train.stop_at_step"
                      "train.early_stop.", "train.samples.", "train.export_dtype", "train.ema.for_eval",
                      "train.ema.for_export", "preflight.", "hardware.memory_gb", "train.overwrite",
                      "train.nonfinite", "train.max_nonfinite_skips", "train.export_comfyui", "dataset.verify_checksums",
-                     "mode.init_adapter")
+                     "mode.init_adapter", "cache.")
 BEST_FILE = "best.json"
 OPTIMIZER_CLASS = "optim.optimizer._target_"
 
@@ -263,11 +263,15 @@ def read_state(path: Path) -> TrainingState:
         raise UserError(damaged(Path(path), f"{STATE_FILE} cannot be read ({type(err).__name__}: {err})")) from err
 
 
-def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """Flattened config entries that differ, ignoring RESUMABLE_CHANGES, as "key: checkpoint X, now Y"."""
+def config_changes(saved: Dict[str, Any], current: Dict[str, Any],
+                   defaults: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Flattened config entries that differ, ignoring RESUMABLE_CHANGES, as "key: checkpoint X, now Y". A key the
+    checkpoint lacks (it predates the setting) is unchanged when its current value is its default (`defaults`)."""
+    defaults = defaults or {}
     keys = sorted(set(saved) | set(current))
     return [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}" for k in keys
-            if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+            if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)
+            and not (k not in saved and k in defaults and current.get(k) == defaults[k])]
 
 
 def group_layout(optimizer_state: Dict[str, Any]) -> Optional[List[Tuple[Any, int]]]:
@@ -278,7 +282,7 @@ def group_layout(optimizer_state: Dict[str, Any]) -> Optional[List[Tuple[Any, in
 
 def check_resume(state: TrainingState, path: Path, mode: str, config: Dict[str, Any], strict: bool,
                  data_fingerprint: Optional[str], expected: Dict[str, list],
-                 groups: List[Tuple[Any, int]]) -> List[str]:
+                 groups: List[Tuple[Any, int]], defaults: Optional[Dict[str, Any]] = None) -> List[str]:
     """Refuse (UserError) a resume that cannot continue this run, or with `strict` would not reproduce it; returns
     the warnings of a non-strict resume. Needs no weights: `expected` is the trained-tensor signature of the configured
     model and `groups` the (name, tensor count) of its optimizer parameter groups, both from the meta device.
@@ -305,7 +309,7 @@ def check_resume(state: TrainingState, path: Path, mode: str, config: Dict[str, 
     if problems:
         raise UserError(f"cannot resume from {path}: " + "; ".join(problems) + ". Resume with the config the run was "
                         "started with (see its config.yaml), or start a fresh run in another hydra.run.dir.")
-    changes = config_changes(state.config, config)
+    changes = config_changes(state.config, config, defaults)
     if state.data_fingerprint != data_fingerprint:
         changes.insert(0, f"data fingerprint: checkpoint {state.data_fingerprint}, dataset now {data_fingerprint} "
                           "(the data was re-preprocessed or replaced)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from peft import PeftModel
@@ -42,6 +42,23 @@ def make_trainable(model: nn.Module, mode: ModeConfig) -> nn.Module:
                 model.decoder.get_parameter(name).requires_grad_(True)
             return model.decoder
     raise TypeError(f"unknown mode config {type(mode).__name__}")
+
+
+def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating-point tensors of `model` to `dtype` (model.frozen_dtype), trained ones (requires_grad, adapters
+    included) to float32 masters, in place. Call after `make_trainable`; a parameter stays the same object."""
+    for p in model.parameters():
+        target = torch.float32 if p.requires_grad else dtype
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+
+
+def trained_at_load(mode: ModeConfig) -> Callable[[str], bool]:
+    """Which model keys `make_trainable` will train (before it runs): loading them in float32 keeps a full
+    fine-tune's fp32 checkpoint exact; everything else can load straight into the frozen dtype."""
+    if isinstance(mode, FullMode):
+        return lambda key: key.startswith("decoder.")
+    return lambda key: False
 
 
 def unfreeze_starts(decoder: nn.Module, stages: Sequence[UnfreezeStage], steps_per_epoch: int) -> Dict[str, int]:

@@ -181,6 +181,26 @@ def test_strict_resume_refuses_a_changed_config_and_lists_what_differs(tmp_path)
     assert load_checkpoint(path, decoder, "lora", changed, strict=False).step == 1
 
 
+def test_settings_newer_than_the_checkpoint_count_as_unchanged_at_their_default():
+    """A checkpoint written before a setting existed was trained with its default: resuming it after an upgrade
+    must not be refused, but the setting at another value is a change."""
+    from types import SimpleNamespace
+
+    from acestep_ft.config import HardwareConfig, field_default
+    from acestep_ft.train.checkpoint import config_changes
+
+    cfg = SimpleNamespace(hardware=HardwareConfig(device="cpu", compile=True), model=model_config())
+    saved = {"optim.lr": 0.001}
+    current = {"optim.lr": 0.001, "hardware.compile": False, "model.frozen_dtype": "auto"}
+    defaults = {k: field_default(cfg, k) for k in current}
+    assert defaults["hardware.compile"] is False and defaults["model.frozen_dtype"] == "auto"
+    assert config_changes(saved, current, defaults) == []
+    assert config_changes(saved, current) == ["hardware.compile: checkpoint '<absent>', now False",
+                                              "model.frozen_dtype: checkpoint '<absent>', now 'auto'"]
+    changed = {**current, "hardware.compile": True}
+    assert config_changes(saved, changed, defaults) == ["hardware.compile: checkpoint '<absent>', now True"]
+
+
 # -- integrity: manifest, fallback, deletion, disk -------------------------------------------------------------
 def flip_bits(path, offset_from_end=100, count=8):
     data = bytearray(path.read_bytes())

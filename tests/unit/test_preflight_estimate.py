@@ -121,6 +121,7 @@ FAST = [
     (["mode=full", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
     (["mode=full", "optim=adamw8bit", "train.ema.enabled=true"], 2, 600, 40),
     (["mode=lokr"], 4, 1000, 80),
+    (["mode=lora", "model.frozen_dtype=bfloat16"], 4, 1000, 80),  # what auto picks on a CUDA GPU
 ]
 SLOW = [
     (["mode=full"], 1, 800, 40),
@@ -140,6 +141,9 @@ SLOW = [
      4, 1000, 80),
     (["mode=loha", "mode.rank_dropout=0.1"], 4, 1000, 80),
     (["mode=loha", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
+    (["mode=lora", "model.frozen_dtype=bfloat16", "mode.use_dora=true"], 4, 1000, 80),
+    (["mode=lokr", "model.frozen_dtype=bfloat16", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
+    (["mode=full", "model.frozen_dtype=bfloat16", "mode.unfreeze=[{pattern: 'layers\\.[23]\\.'}]"], 4, 1000, 80),
 ]
 
 
