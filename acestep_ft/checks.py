@@ -85,6 +85,9 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
     if cfg.hardware.mixed_precision == MixedPrecision.fp16 and on_cpu:
         problems.append("hardware.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no.")
     problems += frozen_dtype_problems(cfg, on_cpu)
+    if str(cfg.model.attn_implementation) == "flex" and on_cpu:
+        problems.append("model.attn_implementation=flex trains on a CUDA GPU only (torch has no FlexAttention backward "
+                        "pass on the CPU): use model.attn_implementation=sdpa here.")
     try:
         checkpointed_layers(cfg.hardware.gradient_checkpointing, cfg.model.num_hidden_layers)
     except ValueError as err:

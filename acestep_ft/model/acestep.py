@@ -24,10 +24,13 @@ def _sliding_window(cfg: Any) -> Optional[int]:
     return int(cfg.sliding_window) if cfg.use_sliding_window else None
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex")
+
+
 def _attn_impl(cfg: Any) -> str:
     impl = str(cfg.attn_implementation)  # Hydra turns the Literal into a StrEnum; keep a plain str
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {impl!r}")
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be 'sdpa', 'eager' or 'flex', got {impl!r}")
     return impl
 
 
@@ -96,9 +99,10 @@ class AceStepModel(nn.Module):
                 module.weight.fill_(1.0)
 
     def set_attn_implementation(self, impl: str) -> None:
-        """Switch every attention module between "sdpa" and "eager" (fp32 softmax) at run time."""
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {impl!r}")
+        """Switch every attention module between "sdpa", "eager" (fp32 softmax) and "flex" (FlexAttention, block-sparse
+        band) at run time; the stacks build the matching masks on their next forward."""
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be 'sdpa', 'eager' or 'flex', got {impl!r}")
         for module in self.modules():
             if isinstance(module, Attention):
                 module.attn_implementation = impl

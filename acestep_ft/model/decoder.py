@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import MLP, Attention, RMSNorm, RotaryEmbedding, StackDims, band_mask, combine_masks
+from .layers import MLP, Attention, Mask, RMSNorm, RotaryEmbedding, StackDims, combine_masks, self_attention_masks
 
 
 class Transpose12(nn.Module):
@@ -68,7 +68,7 @@ class DiTLayer(nn.Module):
         x: torch.Tensor,  # [B, Tp, H]
         rope: Tuple[torch.Tensor, torch.Tensor],
         temb_proj: torch.Tensor,  # [B, 6, H]
-        self_mask: Optional[torch.Tensor],
+        self_mask: Mask,  # dense bool (sdpa / eager) or a flex BlockMask, built once per decoder forward
         cond: torch.Tensor,  # [B, L, H] (already condition_embedder'ed)
         cross_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
@@ -123,6 +123,10 @@ class AceStepDiTModel(nn.Module):
             Transpose12(), nn.ConvTranspose1d(h, out_channels, kernel_size=patch_size, stride=patch_size), Transpose12()
         )
 
+    def attn_implementation(self) -> str:
+        """The layers' current kernel (AceStepModel.set_attn_implementation may change it after construction)."""
+        return self.layers[0].self_attn.attn_implementation if len(self.layers) else self.dims.attn_implementation
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # [B, T, 64] x_t
@@ -163,11 +167,9 @@ class AceStepDiTModel(nn.Module):
         if attention_mask is not None:
             m = F.pad(attention_mask.bool(), (0, pad), value=False)
             patch_valid = m.view(m.shape[0], n_patches, self.patch_size).any(-1)  # [B, Tp]
-        full_mask = combine_masks(None, patch_valid)
-        band = None
-        if self.dims.sliding_window is not None:
-            band = combine_masks(band_mask(n_patches, self.dims.sliding_window, x.device), patch_valid)
-        cross_mask = combine_masks(None, encoder_attention_mask)
+        band, full_mask = self_attention_masks(n_patches, self.dims.sliding_window, patch_valid, x.device,
+                                               self.attn_implementation())
+        cross_mask = combine_masks(None, encoder_attention_mask)  # dense for every impl: cross-attention is SDPA
         rope = self.rotary_emb(n_patches, x.device, x.dtype)
 
         recompute = set()

@@ -4,18 +4,26 @@ What lives here: RMSNorm (fp32 math), rotary embedding, grouped-query attention 
 bidirectional band masks for "sliding" layers, the SwiGLU MLP, the pre-norm encoder layer, and `EncoderStack`,
 the embed -> layers -> norm skeleton that the lyric encoder, timbre encoder, tokenizer pooler and detokenizer share.
 
-Masks are boolean "may attend" tensors broadcastable to [B, 1, Lq, Lk] (True = keep), or None for full attention.
+Masks are boolean "may attend" tensors broadcastable to [B, 1, Lq, Lk] (True = keep), or None for full attention;
+with attn_implementation "flex", self-attention takes a FlexAttention `BlockMask` instead (`flex_block_mask`), so a
+band layer computes only the key tiles near the diagonal. `self_attention_masks` builds whichever the stack needs.
 Attribute names are the official ones, so `state_dict()` keys match official checkpoints one to one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+# A self-attention mask as the layers receive it: dense bool (sdpa, eager), a BlockMask (flex), or None (no mask).
+Mask = Union[torch.Tensor, "BlockMask", None]
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class StackDims:
     rms_norm_eps: float
     rope_theta: float
     sliding_window: Optional[int]  # None = every layer attends fully
-    attn_implementation: str  # "sdpa" | "eager"
+    attn_implementation: str  # "sdpa" | "eager" | "flex"
 
     def layer_is_sliding(self, layer_idx: int) -> bool:
         # Official default layer_types: even layers "sliding_attention", odd layers "full_attention";
@@ -109,8 +117,162 @@ def combine_masks(geometry: Optional[torch.Tensor], key_valid: Optional[torch.Te
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def self_attention_masks(
+    seq_len: int, window: Optional[int], key_valid: Optional[torch.Tensor], device: torch.device, impl: str
+) -> Tuple[Mask, Mask]:
+    """(band mask for sliding layers, mask for full layers) of one stack, built once per forward for all its layers.
+
+    window None = no sliding layers (band is None). sdpa / eager get the dense bool masks of `combine_masks`; flex gets
+    BlockMasks with the same meaning (`flex_block_mask`)."""
+    if impl == "flex":
+        band = None if window is None else flex_block_mask(seq_len, window, key_valid, device)
+        return band, flex_block_mask(seq_len, None, key_valid, device)
+    band = None if window is None else combine_masks(band_mask(seq_len, window, device), key_valid)
+    return band, combine_masks(None, key_valid)
+
+
+# ---------------------------------------------------------------- FlexAttention
+
+FLEX_BLOCK = 128  # flex's default tile (queries x keys); a band of 2*window+1 keys touches ~(2*window+1)/128 + 1 tiles
+_compiled_flex: Optional[Callable[..., torch.Tensor]] = None  # torch.compile(flex_attention), made on first CUDA use
+
+
+def _flex_api() -> Any:
+    """`torch.nn.attention.flex_attention`, imported on first use so that sdpa / eager runs never need it."""
+    try:
+        from torch.nn.attention import flex_attention as api
+    except ImportError as err:
+        raise ImportError(f"model.attn_implementation=flex needs torch.nn.attention.flex_attention, which torch "
+                          f"{torch.__version__} lacks: upgrade torch, or use attn_implementation=sdpa") from err
+    return api
+
+
+def flex_block_mask(
+    seq_len: int, window: Optional[int], key_valid: Optional[torch.Tensor], device: torch.device
+) -> Optional["BlockMask"]:
+    """Self-attention BlockMask with exactly the semantics of `combine_masks(band_mask(...) or None, key_valid)`.
+
+    Element rule (the mask_mod): key kv is visible to query q if |q - kv| <= window (skipped for window None) and kv
+    is a valid key; a query row that would see no key at all sees every key (the combine_masks rule). Such rows exist
+    only for padded queries (a valid query always sees itself), e.g. padding longer than the window after the last
+    valid position, or an all-padding sample: flex itself would return zeros there instead, which would change the
+    padded positions' outputs (and a loss that counts padding) against sdpa / eager.
+
+    Tile rule: for every (query tile, key tile) of FLEX_BLOCK x FLEX_BLOCK the number of visible pairs is counted in
+    O(B * L * L / FLEX_BLOCK) from prefix sums of `key_valid` (no L x L tensor): 0 = skipped, all = a full tile (no
+    mask_mod call), else partial. Returns None when nothing is masked (full attention, no padding); the batch
+    dimension is 1 (broadcast) without key_valid.
+    """
+    if window is not None and window >= seq_len - 1:
+        window = None  # the band covers every pair
+    if window is None and key_valid is None:
+        return None
+    api = _flex_api()
+    tiles = -(-seq_len // FLEX_BLOCK)
+    padded = tiles * FLEX_BLOCK
+    valid = torch.ones(1, seq_len, dtype=torch.bool, device=device) if key_valid is None else key_valid.bool()
+    valid = F.pad(valid, (0, padded - seq_len))  # [B, P]: False past the end; kernels may read up to P
+    rows = torch.arange(padded, device=device) < seq_len  # [P] real query rows
+    counts = _visible_keys_per_tile(valid, padded if window is None else window, rows)  # [B, P, tiles]
+    empty = (counts.sum(-1) == 0) & rows  # [B, P] rows that see no key -> see every real key
+    real_keys = (seq_len - torch.arange(tiles, device=device) * FLEX_BLOCK).clamp(0, FLEX_BLOCK)  # [tiles]
+    counts = torch.where(empty[..., None], real_keys, counts)
+    per_tile = counts.view(valid.shape[0], tiles, FLEX_BLOCK, tiles).sum(2)  # [B, q tiles, kv tiles]
+    mask_mod = _flex_mask_mod(window, None if key_valid is None else valid, empty)
+    return _block_mask_from_counts(api, per_tile, mask_mod, seq_len)
+
+
+def _visible_keys_per_tile(valid: torch.Tensor, window: int, rows: torch.Tensor) -> torch.Tensor:
+    """valid [B, P] -> [B, P, P / FLEX_BLOCK]: for each query row, how many valid keys with |q - kv| <= window lie
+    in each key tile (prefix-sum differences over the clipped interval; rows outside `rows` count 0)."""
+    padded = valid.shape[1]
+    prefix = F.pad(valid.long().cumsum(-1), (1, 0))  # [B, P+1]: valid keys before each position
+    q = torch.arange(padded, device=valid.device)[:, None]  # [P, 1]
+    start = torch.arange(0, padded, FLEX_BLOCK, device=valid.device)[None]  # [1, tiles]
+    lo = torch.maximum(start, q - window).clamp(0, padded)
+    hi = torch.maximum(torch.minimum(start + FLEX_BLOCK, q + window + 1).clamp(0, padded), lo)  # [P, tiles]
+    counts = (prefix[:, hi.flatten()] - prefix[:, lo.flatten()]).view(valid.shape[0], padded, -1)
+    return counts * rows[None, :, None]
+
+
+def _flex_mask_mod(window: Optional[int], valid: Optional[torch.Tensor], empty: torch.Tensor) -> Callable:
+    """The element rule of `flex_block_mask` (called by flex only inside partial tiles)."""
+    if valid is None:  # a band without padding: no row is empty
+        def band(b, h, q, kv):
+            return (q - kv).abs() <= window
+
+        return band
+
+    def keep(b, h, q, kv):
+        see = valid[b, kv]
+        if window is not None:
+            see = see & ((q - kv).abs() <= window)
+        return see | empty[b, q]
+
+    return keep
+
+
+def _block_mask_from_counts(api: Any, per_tile: torch.Tensor, mask_mod: Callable, seq_len: int) -> "BlockMask":
+    """Visible pairs per tile [B, Tq, Tk] -> BlockMask (partial tiles run mask_mod, full tiles skip it)."""
+    full = per_tile == FLEX_BLOCK * FLEX_BLOCK
+    partial = (per_tile > 0) & ~full
+
+    def ordered(tiles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # [B, 1, Tq] count, [B, 1, Tq, Tk] ids
+        tiles = tiles[:, None]
+        ids = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)  # listed tiles first
+        return tiles.sum(-1, dtype=torch.int32), ids.to(torch.int32)
+
+    kv_num, kv_ids = ordered(partial)
+    full_num, full_ids = ordered(full)
+    return api.BlockMask.from_kv_blocks(kv_num, kv_ids, full_num, full_ids, BLOCK_SIZE=FLEX_BLOCK,
+                                        mask_mod=mask_mod, seq_lengths=(seq_len, seq_len))
+
+
+def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    """flex_attention to call: on CUDA one module-level `torch.compile` of it (compiled once per process on first use,
+    dynamic shapes after the second length, so bucketed lengths do not recompile each time); inside a region that is
+    already being compiled (e.g. a compiled DiT layer) the plain function, which that compile fuses; elsewhere (the
+    CPU) torch's un-compiled reference path, which materialises the scores and is for correctness, not speed."""
+    api = _flex_api()
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return api.flex_attention
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(api.flex_attention)
+    return _compiled_flex
+
+
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Optional["BlockMask"], scale: float
+) -> torch.Tensor:
+    """FlexAttention for q [B, Hq, L, D] and un-repeated k, v [B, Hkv, L, D] (GQA inside the kernel).
+
+    Under autocast q, k, v are cast to the autocast dtype first, as autocast does for SDPA (q and k leave the fp32
+    RMSNorm in fp32, v does not). torch refuses flex's backward pass on the CPU; the error then says what to use."""
+    if block_mask is not None and not isinstance(block_mask, _flex_api().BlockMask):
+        raise TypeError("attn_implementation=flex: self-attention takes a BlockMask from layers.flex_block_mask "
+                        f"(or None), got {type(block_mask).__name__}; build masks with layers.self_attention_masks")
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kernel = _flex_kernel(q.device)
+    try:
+        return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    except NotImplementedError as err:
+        if q.device.type != "cpu" or "backward" not in str(err):  # only torch's CPU guard gets the explanation
+            raise
+        raise NotImplementedError(
+            f"model.attn_implementation=flex: torch has no FlexAttention backward pass on the CPU ({err}). Train "
+            "with flex on a CUDA GPU; on the CPU use attn_implementation=sdpa (the same masks, dense) or eager"
+        ) from err
+
+
 class Attention(nn.Module):
-    """GQA attention with per-head q/k RMSNorm; RoPE only for self-attention (official: none in cross-attn)."""
+    """GQA attention with per-head q/k RMSNorm; RoPE only for self-attention (official: none in cross-attn).
+
+    With attn_implementation "flex" only self-attention runs FlexAttention (mask: a BlockMask or None);
+    cross-attention keeps SDPA with its dense key-padding mask, since it has no band whose tiles could be skipped.
+    """
 
     def __init__(self, dims: StackDims):
         super().__init__()
@@ -129,7 +291,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, Lq, H]
         kv: Optional[torch.Tensor] = None,  # [B, Lk, H] cross-attention source (same width), None = self-attention
         rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        mask: Optional[torch.Tensor] = None,  # bool, broadcastable to [B, 1, Lq, Lk]
+        mask: Mask = None,  # bool, broadcastable to [B, 1, Lq, Lk]; flex self-attention: a BlockMask
     ) -> torch.Tensor:
         b, lq, _ = x.shape
         src = x if kv is None else kv
@@ -141,18 +303,22 @@ class Attention(nn.Module):
         if rope is not None and kv is None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        impl = self.attn_implementation
+        if impl == "flex" and kv is not None:
+            impl = "sdpa"  # cross-attention: key padding only (see the class docstring)
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # kv head j serves query heads j*groups .. j*groups+groups-1
+        if groups > 1 and impl != "flex":  # kv head j serves query heads j*groups .. j*groups+groups-1
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = attention(q, k, v, mask, self.head_dim**-0.5, self.attn_implementation)  # [B, Hq, Lq, D]
+        out = attention(q, k, v, mask, self.head_dim**-0.5, impl)  # [B, Hq, Lq, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim))
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float, impl: str
-) -> torch.Tensor:
-    """Scaled dot-product attention; `eager` reproduces the official path (softmax in fp32)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float, impl: str) -> torch.Tensor:
+    """Scaled dot-product attention; `eager` reproduces the official path (softmax in fp32); `flex` takes a BlockMask
+    and k, v with their own (fewer) heads."""
+    if impl == "flex":
+        return flex_attention(q, k, v, mask, scale)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
@@ -185,7 +351,7 @@ class EncoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, dims.rms_norm_eps)
         self.mlp = MLP(dims.hidden_size, dims.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: Mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope=rope, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -208,10 +374,8 @@ class EncoderStack(nn.Module):
         """x [B, L, H] (already embedded), key_valid [B, L] or None -> normed [B, L, H]."""
         seq_len = x.shape[1]
         rope = self.rotary_emb(seq_len, x.device, x.dtype)
-        full = combine_masks(None, key_valid)
-        band = None
-        if self.dims.sliding_window is not None:
-            band = combine_masks(band_mask(seq_len, self.dims.sliding_window, x.device), key_valid)
+        impl = self.layers[0].self_attn.attn_implementation if len(self.layers) else self.dims.attn_implementation
+        band, full = self_attention_masks(seq_len, self.dims.sliding_window, key_valid, x.device, impl)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, band if self.dims.layer_is_sliding(i) else full)
         return self.norm(x)

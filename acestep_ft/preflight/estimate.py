@@ -36,8 +36,9 @@ Forward/backward high-water mark (walked layer by layer; adapter/full/unfreeze d
   fp32 input, the normalized a-copy when its weight trains, the fp32 modulated value when adaLN trains; each
   Linear keeps its input when its weight trains (Linears reading the same row-major input share one copy; the
   decoder makes the residual stream row-major after proj_in's Conv1d); SDPA keeps q, k, v,
-  out (a*M*Q each side) and a bias a*N^2 on sliding layers; eager keeps q, k, v, fp32 and a-probabilities
-  (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r
+  out (a*M*Q each side) and a bias a*N^2 on sliding layers; flex (self-attention) keeps q, out and the un-repeated
+  k, v (a*M*V each), no bias, its o_proj input taken as a view as for SDPA (not yet measured on a CUDA GPU); eager
+  keeps q, k, v, fp32 and a-probabilities (f + a) * B*heads*N*Nk; SwiGLU keeps 4 * a*M*I; LoRA keeps its dropout copy a*M*in, mask 1*M*in and a*M*r
   (DoRA also the base and adapter outputs, 2a*M*out); LoKr / LoHa keep their own input copy a*M*in and the
   materialized a-cast update a*out*in; a frozen Linear whose input needs a gradient keeps its a-cast weight under
   autocast, unless the frozen weights already are in the autocast dtype).
@@ -336,6 +337,7 @@ class _Shape:
     a: int  # bytes of the autocast dtype
     frozen_cast: bool  # frozen weights get an autocast copy (autocast on, frozen dtype is not the autocast dtype)
     eager: bool
+    flex: bool  # self-attention through FlexAttention (cross-attention stays SDPA)
     window: int | None
 
     @property
@@ -357,12 +359,15 @@ def _norm(rows: int, width: int, norm_dim: int, a: int, trains: bool, in_grad: b
     return kept + (a * rows * width if trains else 0)
 
 
-def _attention(s: _Shape, rows: int, keys: int, q_len: int, k_len: int, bias_rows: int) -> int:
+def _attention(s: _Shape, rows: int, keys: int, q_len: int, k_len: int, bias_rows: int, flex: bool = False) -> int:
     """What the attention kernel keeps for q [rows, Q] and GQA-repeated k, v [keys, Q] (all in a).
 
     SDPA: q, k, v, the output (o_proj reads a view of it) and the fp32 log-sum-exp; a boolean mask becomes an
     a-bias [bias_rows, q_len, k_len] per call. Eager: q, k, v, the fp32 softmax output and its a-copy (read by the
-    second matmul)."""
+    second matmul). Flex: q, the un-repeated k and v (GQA inside the kernel), the output and the fp32 log-sum-exp;
+    its block mask is a few small tile tables."""
+    if flex:
+        return 2 * s.a * rows * s.Q + 2 * s.a * keys * s.V + F32 * s.B * s.heads * q_len
     qkv = s.a * rows * s.Q + 2 * s.a * keys * s.Q
     if not s.eager:
         return qkv + s.a * rows * s.Q + F32 * s.B * s.heads * q_len + s.a * bias_rows * q_len * k_len
@@ -441,7 +446,7 @@ def layer_cost(s: _Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank:
                  rank, dropout))
     act += _norm(M, s.Q, s.Q // s.heads, a, lt.norms, out_grad("self_attn.q_proj", h_grad))
     act += _norm(M, s.V, s.Q // s.heads, a, lt.norms, out_grad("self_attn.k_proj", h_grad))
-    act += _attention(s, M, M, s.N, s.N, bias_rows if sliding and s.window is not None else 0)
+    act += _attention(s, M, M, s.N, s.N, bias_rows if sliding and s.window is not None else 0, s.flex)
     add(_o_proj(s, lt, lin, "self_attn.o_proj", rank, dropout))
     act += a * M * H if mod else 0  # o_proj output kept by "* gate"
     x_grad = in_grad or h_grad and any(k != "frozen" for n, k in lt.linears.items() if n.startswith("self_attn."))
@@ -503,7 +508,7 @@ def _shape(cfg: Config, batch: int, frames: int, cond_len: int, world_size: int 
                   Q=m.num_attention_heads * m.head_dim, V=m.num_key_value_heads * m.head_dim,
                   I=m.intermediate_size, E=m.encoder_hidden_size or m.hidden_size, heads=m.num_attention_heads,
                   a=a, frozen_cast=a != F32 and frozen_dtype(cfg, world_size) != autocast,
-                  eager=str(m.attn_implementation) == "eager",
+                  eager=str(m.attn_implementation) == "eager", flex=str(m.attn_implementation) == "flex",
                   window=m.sliding_window if m.use_sliding_window else None)
 
 
@@ -574,7 +579,7 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
     fwd_only = (F32 * (2 * batch * T * C + K * s.E)  # noise, x_t, CFG-dropped condition (fp32)
                 + F32 * batch * T * m.in_channels  # cat(context, x_t)
                 + (0 if cond_shared else a * K * H)
-                + (s.N * s.N if s.window is not None and not s.eager else 0))  # bool band mask
+                + (s.N * s.N if s.window is not None and not s.eager and not s.flex else 0))  # bool band mask
     tail_in = ts.head["tail"] or any(lt.trainable for lt in ts.layers) or in_grad
     tail_saved = (_norm(M, H, H, a, ts.head["tail"], tail_in) + (F32 * M * H if ts.head["tail"] or temb_grad else 0)
                   + (a * M * H if ts.head["tail"] else 0) + F32 * batch * T * C)  # + pred kept by the MSE
@@ -624,7 +629,7 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond_len: int, world_s
     details = {
         "activations": f"saved for backward {where} ({batch} x {s.N} tokens, condition {cond_len}, "
                        f"{len(ckpt)}/{len(layers)} layers checkpointed, "
-                       f"{'eager' if s.eager else 'sdpa'}, {'fp32' if a == F32 else 'autocast ' + str(a * 8) + '-bit'})",
+                       f"{'eager' if s.eager else 'flex' if s.flex else 'sdpa'}, {'fp32' if a == F32 else 'autocast ' + str(a * 8) + '-bit'})",
         "autocast weight copies": f"{'bf16/fp16' if a != F32 else ''} casts of weights alive {where}",
         "gradients": f"fp32 gradients alive {where}" + (f" (sharded / {grad_div})" if grad_div > 1 else ""),
         "backward temporaries": "one layer's stream gradients (2a+4)*M*H and SwiGLU gradients 3a*M*I",

@@ -183,6 +183,10 @@ def trained_decoder(cfg: Config, meta: bool) -> nn.Module:
     meta: built on the meta device (for the fake trace: PEFT must wrap before the fake mode, since fake tensors
     refuse Module.to); else randomly initialised in host RAM like `load_model` without a path."""
     model = build_meta_model(cfg.model) if meta else AceStepModel(cfg.model)
+    if meta and str(cfg.model.attn_implementation) == "flex":
+        # MemTracker has no rule for the flex_attention operator, and torch has no flex backward on the CPU: trace
+        # the SDPA path (the estimate's flex terms are SDPA's without the N^2 band bias and mask)
+        model.set_attn_implementation("sdpa")
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
     decoder = make_trainable(model, cfg.mode)
     cast_frozen_(model, frozen_dtype(cfg))  # as run.py does, for the device the config names

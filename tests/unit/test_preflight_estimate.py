@@ -114,6 +114,15 @@ def test_checkpointing_and_longer_clips_move_the_estimate_the_right_way():
     assert estimate_memory(config(*base), 4, 2000, 80).total > plain
 
 
+def test_flex_drops_the_dense_band_and_the_repeated_kv():
+    base = [*SMALL, "mode=lora", "hardware.device=cuda"]
+    sdpa = estimate_memory(config(*base), 2, 4000, 80)
+    flex = estimate_memory(config(*base, "model.attn_implementation=flex"), 2, 4000, 80)
+    n = 2000  # tokens: a [N, N] bool band mask and a bf16 bias per sliding layer are what flex does not build
+    assert sdpa.total - flex.total > n * n
+    assert term(flex, "weights") == term(sdpa, "weights")
+
+
 # (overrides, batch, frames, cond_len): estimate within 15% of the traced peak
 FAST = [
     (["mode=full"], 4, 1000, 80),
@@ -143,6 +152,7 @@ SLOW = [
     (["mode=loha", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
     (["mode=lora", "model.frozen_dtype=bfloat16", "mode.use_dora=true"], 4, 1000, 80),
     (["mode=lokr", "model.frozen_dtype=bfloat16", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
+    (["mode=lora", "model.attn_implementation=flex"], 2, 1000, 80),  # traced as SDPA, which holds a bit more
     (["mode=full", "model.frozen_dtype=bfloat16", "mode.unfreeze=[{pattern: 'layers\\.[23]\\.'}]"], 4, 1000, 80),
 ]
 
