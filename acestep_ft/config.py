@@ -417,11 +417,13 @@ class HardwareConfig:
     """Device memory budget per process in GiB for the memory preflight; None = the visible GPU's total memory
     (no budget on the CPU)."""
     compile: bool = False
-    """torch.compile each DiT layer separately (regional: compile time of one layer, reused by all of them); the first
-    steps of each new padded length are slower while it compiles. Pair with length_multiple to bound the lengths."""
+    """torch.compile each DiT layer separately (regional: one layer's compile serves all of them), with dynamic shapes:
+    the first training step compiles (minutes on a CPU; inductor's on-disk cache makes reruns and resumes faster), the
+    first validation and the first batch of size 1 compile once more, new lengths do not. Needs a C++ compiler (CPU)
+    or triton (CUDA GPU); checked before training."""
     length_multiple: int = 0
-    """Pad every micro-batch's latent frames up to a multiple of this (e.g. 250 = 10 s), so compiled kernels meet
-    a bounded set of shapes. The extra frames are ordinary padding (objective.loss_mask / attention_mask decide whether
+    """Pad every micro-batch's latent frames up to a multiple of this (e.g. 250 = 10 s), so kernels (cuDNN / triton
+    autotuning, flex block masks) meet a bounded set of shapes. The extra frames are ordinary padding (objective.loss_mask / attention_mask decide whether
     padding counts, as for the batch's own). 0 = pad to the longest clip in the batch only."""
 
 

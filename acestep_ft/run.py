@@ -275,8 +275,9 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     if isinstance(cfg.mode, AdapterMode) and cfg.mode.init_adapter is not None and state is None:
         print0(init_from_adapter(decoder, cfg.mode.init_adapter, cfg.model))
     if cfg.hardware.compile:
-        print0(f"compile: {compile_layers(decoder)} DiT layers compiled one by one (hardware.compile=true); the first "
-               "step of each new batch length compiles")
+        print0(f"compile: {compile_layers(decoder, acc.device)} DiT layers compiled one by one (hardware.compile=true, "
+               "dynamic shapes): the first training step compiles them, the first validation and the first batch of "
+               "size 1 once more; new lengths do not")
     if acc.num_processes > 1 and (cfg.model.path is None or cfg.hardware.distributed == Distributed.fsdp):
         # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
         # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
