@@ -14,7 +14,7 @@ class Sample:
     """One preprocessed track, exactly the tensors of the official per-sample .pt file.
 
     Any float dtype (v3 sources hand out read-only-by-contract bf16 views into a mapped shard): never modify a
-    Sample's tensors in place; `collate` copies them into a new float32 batch.
+    Sample's tensors in place; `collate` copies them into the batch's own memory.
     """
 
     key: str                        # unique sample name (file stem or generated id)

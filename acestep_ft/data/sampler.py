@@ -4,7 +4,10 @@
     indices = sampler.next_batch()          # endless; moves to the next epoch after the last batch of one
 
 `lengths[i]` is the latent length (frames, 25 per second) sample i will have in a batch, i.e. after the crop cap
-(`crop.capped_lengths`). The batches of epoch `e` are a pure function of (lengths, settings, seed, e):
+(`crop.capped_lengths`). A batch is padded to its longest clip rounded up to a multiple of `length_multiple`
+(0 = not rounded; `collate` pads it so, reading the multiple from the sampler via `BatchStream`): "longest" below
+means that padded length, `batch_frames(batch)`. The batches of epoch `e` are a pure function of
+(lengths, settings, seed, e):
 
 1. Order. One `torch.Generator` seeded with `seed + EPOCH_STRIDE * e` draws a permutation of all indices
    (`range(N)` when `shuffle=False`).
@@ -12,7 +15,8 @@
    the indices in the order of step 1 (a seeded shuffle within the bucket). `bucket_frames=0`: one bucket.
 3. Batches. Each bucket is cut into consecutive batches of its capacity: `batch_size`, or with a frame budget
    `min(batch_size, max(1, max_frames_per_batch // longest clip of the bucket))`, so every batch satisfies
-   `count * longest <= max_frames_per_batch` -- except a batch of a single clip longer than the budget alone:
+   `count * longest <= max_frames_per_batch` -- except a batch of a single clip longer than the budget alone
+   (after rounding up: with length_multiple a clip a little under the budget can round up over it):
    such clips are still trained, one per batch (`oversize_indices` lists them; `padding_stats` counts them).
    The capacity is fixed per bucket (not greedy per batch), so the number of batches is the same in every epoch.
    The last batch of a bucket may be smaller; `drop_last=True` drops it.
@@ -30,9 +34,10 @@ within an epoch no index is on two ranks except in the (at most world_size - 1) 
 
 `state_dict()` = {"epoch", "position" (batches already taken from that epoch), "signature"}; the signature
 (num_samples, batch_size, bucket_frames, max_frames_per_batch, world_size, drop_last, shuffle, seed,
-worst_case_first and a hash of the lengths when they shape the batches) lets `load_state_dict` refuse a state of
-another batch setup with a ValueError naming what differs. A state without signature (older checkpoints) is
-accepted as long as its position fits. The state is the same on every rank. Nothing here touches global RNGs.
+worst_case_first, length_multiple when it shapes the batches, and a hash of the lengths when they do) lets
+`load_state_dict` refuse a state of another batch setup with a ValueError naming what differs. A state without
+signature (older checkpoints) is accepted as long as its position fits; a signature saved before length_multiple
+existed counts as length_multiple 0. The state is the same on every rank. Nothing here touches global RNGs.
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from acestep_ft.data.collate import round_up
+
 EPOCH_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds in practice
 _SEED_MOD = 2**63
+# signature keys added after states with signatures were saved: the value that reproduces those states' batches
+_ADDED_SIGNATURE_KEYS = {"length_multiple": 0}
 
 
-def _padded(batch: Sequence[int], lengths: Sequence[int]) -> int:
-    return len(batch) * max(lengths[i] for i in batch)
+def _padded(batch: Sequence[int], lengths: Sequence[int], multiple: int = 0) -> int:
+    return len(batch) * round_up(max(lengths[i] for i in batch), multiple)
 
 
 class LengthBucketSampler:
@@ -67,6 +76,7 @@ class LengthBucketSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        length_multiple: int = 0,
     ) -> None:
         name = type(self).__name__
         self.lengths = [int(t) for t in lengths]
@@ -79,6 +89,9 @@ class LengthBucketSampler:
         if bucket_frames < 0 or max_frames_per_batch < 0:
             raise ValueError(f"{name}: bucket_frames={bucket_frames} and max_frames_per_batch="
                              f"{max_frames_per_batch} must be >= 0 (0 = off)")
+        if length_multiple < 0:
+            raise ValueError(f"{name}: length_multiple={length_multiple} must be >= 0 (hardware.length_multiple; "
+                             "0 = off)")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"{name}: need 0 <= rank < world_size, got {rank=}, {world_size=}")
         self.num_samples = len(self.lengths)
@@ -90,6 +103,7 @@ class LengthBucketSampler:
         self.worst_case_first = bool(worst_case_first)
         self.rank, self.world_size = int(rank), int(world_size)
         self.drop_last = bool(drop_last)
+        self.length_multiple = int(length_multiple) if length_multiple > 1 else 0  # 1 pads nothing either
 
         # Epoch-independent layout: bucket of every index, capacity and batch count of every bucket.
         self._bucket_of = [t // self.bucket_frames if self.bucket_frames else 0 for t in self.lengths]
@@ -129,7 +143,11 @@ class LengthBucketSampler:
     def _bucket_capacity(self, longest: int) -> int:
         if not self.max_frames_per_batch or longest == 0:
             return self.batch_size
-        return min(self.batch_size, max(1, self.max_frames_per_batch // longest))
+        return min(self.batch_size, max(1, self.max_frames_per_batch // round_up(longest, self.length_multiple)))
+
+    def batch_frames(self, batch: Sequence[int]) -> int:
+        """T of the collated batch of these indices: its longest clip rounded up to a multiple of length_multiple."""
+        return round_up(max(self.lengths[i] for i in batch), self.length_multiple)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -148,10 +166,12 @@ class LengthBucketSampler:
 
     @property
     def oversize_indices(self) -> list[int]:
-        """Samples longer than max_frames_per_batch on their own: each is trained in a batch of one, over budget."""
+        """Samples longer than max_frames_per_batch on their own (rounded up to length_multiple): each is trained in
+        a batch of one, over budget."""
         if not self.max_frames_per_batch:
             return []
-        return [i for i, t in enumerate(self.lengths) if t > self.max_frames_per_batch]
+        m = self.length_multiple
+        return [i for i, t in enumerate(self.lengths) if round_up(t, m) > self.max_frames_per_batch]
 
     # ------------------------------------------------------------------ batches
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -174,7 +194,8 @@ class LengthBucketSampler:
         if self.shuffle and len(self._buckets) > 1:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
         if self.worst_case_first and epoch == 0:
-            ranked = sorted(range(len(batches)), key=lambda k: (-_padded(batches[k], self.lengths), k))
+            size = [_padded(b, self.lengths, self.length_multiple) for b in batches]
+            ranked = sorted(range(len(batches)), key=lambda k: (-size[k], k))
             front = ranked[: self.world_size]
             chosen = set(front)
             batches = [batches[k] for k in front] + [x for k, x in enumerate(batches) if k not in chosen]
@@ -209,23 +230,24 @@ class LengthBucketSampler:
     # ------------------------------------------------------------------ statistics
     def padding_stats(self, epoch: int = 0) -> dict[str, Any]:
         """Real vs padded frames of this rank's batches of `epoch`, and of the naive baseline: the whole dataset
-        in a seeded random order cut into batches of batch_size, each padded to its longest clip.
+        in a seeded random order cut into batches of batch_size, each padded to its longest clip (both rounded up
+        to length_multiple, as collate pads them).
 
         Keys: batches, samples, real_frames, padded_frames, pad_fraction (= 1 - real / padded),
         max_batch_frames (largest count x longest, the peak-memory batch), oversize_samples, and the same
         naive_* for the baseline (naive_batches, naive_real_frames, naive_padded_frames, naive_pad_fraction,
         naive_max_batch_frames)."""
-        L = self.lengths
+        L, m = self.lengths, self.length_multiple
 
         def stats(batches: list[list[int]], prefix: str) -> dict[str, Any]:
             real = sum(L[i] for b in batches for i in b)
-            padded = sum(_padded(b, L) for b in batches)
+            padded = sum(_padded(b, L, m) for b in batches)
             return {
                 f"{prefix}batches": len(batches),
                 f"{prefix}real_frames": real,
                 f"{prefix}padded_frames": padded,
                 f"{prefix}pad_fraction": 1.0 - real / padded if padded else 0.0,
-                f"{prefix}max_batch_frames": max((_padded(b, L) for b in batches), default=0),
+                f"{prefix}max_batch_frames": max((_padded(b, L, m) for b in batches), default=0),
             }
 
         mine = self.epoch_batches(epoch)
@@ -253,6 +275,8 @@ class LengthBucketSampler:
             "shuffle": self.shuffle,
             "seed": self.seed,
             "worst_case_first": self.worst_case_first,
+            # rounding changes which clips share a batch only through the frame budget or the worst-case order
+            "length_multiple": self.length_multiple if self.max_frames_per_batch or self.worst_case_first else 0,
             "lengths_hash": lengths_hash,
         }
 
@@ -267,6 +291,7 @@ class LengthBucketSampler:
             raise ValueError(f"{name}.load_state_dict: missing {sorted(missing)} in {dict(state)}")
         saved = state.get("signature")
         if saved is not None:
+            saved = {**_ADDED_SIGNATURE_KEYS, **saved}
             mine = self.signature()
             diffs = [f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in mine if k in saved and saved[k] != mine[k]]
             if diffs:
@@ -291,7 +316,8 @@ class LengthBucketSampler:
             f"{type(self).__name__}(num_samples={self.num_samples}, batch_size={self.batch_size}, "
             f"bucket_frames={self.bucket_frames}, max_frames_per_batch={self.max_frames_per_batch}, "
             f"seed={self.seed}, shuffle={self.shuffle}, worst_case_first={self.worst_case_first}, "
-            f"drop_last={self.drop_last}, rank={self.rank}, world_size={self.world_size}, "
+            f"drop_last={self.drop_last}, length_multiple={self.length_multiple}, rank={self.rank}, "
+            f"world_size={self.world_size}, "
             f"buckets={self.num_buckets}, batches_per_epoch={self.batches_per_epoch}, "
             f"epoch={self._epoch}, position={self._position})"
         )
@@ -318,11 +344,12 @@ class EpochBatchSampler(LengthBucketSampler):
 
 
 def sampler_for(cfg: Any, lengths: Sequence[int], rank: int = 0, world_size: int = 1) -> LengthBucketSampler:
-    """The run's sampler for a typed root config (`acestep_ft.config.Config`) over capped `lengths`."""
+    """The run's sampler for a typed root config (`acestep_ft.config.Config`) over capped `lengths`; it carries
+    hardware.length_multiple, which `BatchStream` pads to."""
     from acestep_ft.data.crop import seconds_to_frames
 
     return LengthBucketSampler(
         lengths, cfg.hardware.batch_size, seed=cfg.train.seed, shuffle=cfg.dataset.shuffle,
         bucket_frames=seconds_to_frames(cfg.dataset.bucket_seconds),
         max_frames_per_batch=cfg.hardware.max_frames_per_batch, worst_case_first=cfg.dataset.worst_case_first,
-        rank=rank, world_size=world_size)
+        rank=rank, world_size=world_size, length_multiple=cfg.hardware.length_multiple)

@@ -79,8 +79,8 @@ def data_shape(cfg: Config) -> DataShape:
 def worst_batches(cfg: Config, shape: DataShape, world_size: int) -> List[Tuple[int, int]]:
     """(batch, padded frames) candidates for the peak: the batch with the most padded frames and the batch holding
     the longest clip, as the sampler builds them for this config."""
-    batches = [(len(b), max(shape.lengths[i] for i in b))
-               for b in sampler_for(cfg, shape.lengths, 0, world_size).global_batches(0)]
+    sampler = sampler_for(cfg, shape.lengths, 0, world_size)
+    batches = [(len(b), sampler.batch_frames(b)) for b in sampler.global_batches(0)]  # hardware.length_multiple
     most = max(batches, key=lambda bt: bt[0] * bt[1])
     longest = max(batches, key=lambda bt: (bt[1], bt[0]))
     return sorted({most, longest})
