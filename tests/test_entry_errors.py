@@ -70,6 +70,7 @@ def test_convert_with_a_missing_src_exits_2(tmp_path):
     assert not (tmp_path / "v3").exists()
 
 
+@pytest.mark.slow
 def test_preprocess_config_errors_exit_2(files):
     script = [sys.executable, "scripts/preprocess.py", "model=tiny", "hardware=cpu",
               f"preprocess.output_dir={files / 'out'}", f"hydra.run.dir={files / 'run'}"]

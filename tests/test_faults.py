@@ -108,6 +108,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert all(manifest_problem(p) is None for p in list_checkpoints(tmp_path))  # what was saved stays intact
 
 
+@pytest.mark.slow
 def test_relaunch_is_refused_a_missing_export_is_written_and_overwrite_starts_over(tmp_path):
     run(tmp_path, "train.max_steps=4", "train.save_every=2")
     record = (tmp_path / ".hydra" / "overrides.yaml").read_text()
@@ -130,6 +131,7 @@ def test_relaunch_is_refused_a_missing_export_is_written_and_overwrite_starts_ov
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002"] and len(losses(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, baseline):
     run(tmp_path, "train.save_every=10", "train.stop_at_step=30")
     newest = tmp_path / "checkpoints" / "step-00000030"
@@ -175,6 +177,7 @@ def test_kill_9_during_saves_and_deletions_never_leaves_a_broken_checkpoint(tmp_
     assert losses(tmp_path) == baseline
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     disk = tmp_path / "disk"
@@ -228,6 +231,7 @@ def test_two_processes_agree_on_the_stop_step_when_only_one_is_signalled(tmp_pat
     assert losses(parts) == losses(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_halts_with_an_emergency_save_that_resumes(tmp_path):
     proc = run(tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", status=1)  # diverges at step 2
     assert "training halted: non-finite loss" in proc.stderr and "checkpoint step 1" in proc.stderr

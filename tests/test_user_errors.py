@@ -77,6 +77,7 @@ def test_train_py_errors_are_a_message_and_a_status(tmp_path, overrides, setup, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resume_refusals_come_before_the_model_and_leave_the_run_alone(finished_run, tmp_path):
     record = (finished_run / ".hydra" / "overrides.yaml").read_text()
     proc = train(tmp_path, "train.resume=auto", "optim.lr=1e-2", run_dir=finished_run)
@@ -141,6 +142,7 @@ def test_a_model_path_without_config_json_is_caught_before_loading(tmp_path):
     assert "has no config.json" in message
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_fails_alone(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "-m", "hardware=cpu", "train.max_steps=2", "train.plot=false",
                            "optim.lr=0,1e-3", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True,
