@@ -70,7 +70,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from acestep_ft.config import AdapterMode, Config, FullMode, LoraMode, resolve_frozen_dtype
+from acestep_ft.config import AdapterMode, Config, FullMode, LoraMode, MixedPrecision, resolve_frozen_dtype
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.optim import takes_weight_decay
@@ -490,6 +490,16 @@ def _autocast_bytes(cfg: Config) -> int:
     return 4 if precision == "no" or (precision == "auto" and device == "cpu") else 2
 
 
+def autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
+    """The autocast dtype of hardware.mixed_precision on a CUDA GPU (auto = bf16 there); None = fp32, no autocast."""
+    match str(precision):
+        case "auto" | "bf16":
+            return torch.bfloat16
+        case "fp16":
+            return torch.float16
+    return None
+
+
 def frozen_dtype(cfg: Config, world_size: int = 1) -> torch.dtype:
     """The dtype run.py gives the frozen weights (model.frozen_dtype), for the device the estimate assumes: the CPU
     for hardware.device=cpu, else a CUDA GPU with bf16 (mixed_precision auto)."""
@@ -503,11 +513,10 @@ def frozen_dtype(cfg: Config, world_size: int = 1) -> torch.dtype:
 def _shape(cfg: Config, batch: int, frames: int, cond_len: int, world_size: int = 1) -> _Shape:
     m = cfg.model
     a = _autocast_bytes(cfg)
-    autocast = {"fp16": torch.float16}.get(str(cfg.hardware.mixed_precision), torch.bfloat16)
     return _Shape(B=batch, N=-(-frames // m.patch_size), L=cond_len, H=m.hidden_size,
                   Q=m.num_attention_heads * m.head_dim, V=m.num_key_value_heads * m.head_dim,
                   I=m.intermediate_size, E=m.encoder_hidden_size or m.hidden_size, heads=m.num_attention_heads,
-                  a=a, frozen_cast=a != F32 and frozen_dtype(cfg, world_size) != autocast,
+                  a=a, frozen_cast=a != F32 and frozen_dtype(cfg, world_size) != autocast_dtype(cfg.hardware.mixed_precision),
                   eager=str(m.attn_implementation) == "eager", flex=str(m.attn_implementation) == "flex",
                   window=m.sliding_window if m.use_sliding_window else None)
 

@@ -37,11 +37,11 @@ from typing import Dict
 import torch
 from torch import nn
 
-from acestep_ft.config import Config, MixedPrecision
+from acestep_ft.config import Config
 from acestep_ft.data.batch import Batch
 from acestep_ft.model.acestep import AceStepModel
 from acestep_ft.model.variants import build_meta_model
-from acestep_ft.preflight.estimate import frozen_dtype
+from acestep_ft.preflight.estimate import autocast_dtype, frozen_dtype
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.optim import build_optimizer
 from acestep_ft.train.step import flow_matching_loss
@@ -50,16 +50,6 @@ from acestep_ft.train.trainable import cast_frozen_, make_trainable
 # Batches alive on the device with hardware.device_prefetch: the one in use + the queue (depth 2) + the one the
 # worker thread holds while it waits for a free queue slot (acestep_ft/data/prefetch.py).
 PREFETCH_BATCHES = 4
-
-
-def autocast_dtype(precision: MixedPrecision) -> torch.dtype | None:
-    """The autocast dtype of hardware.mixed_precision on a CUDA GPU (auto = bf16 there); None = fp32, no autocast."""
-    match str(precision):
-        case "auto" | "bf16":
-            return torch.bfloat16
-        case "fp16":
-            return torch.float16
-    return None
 
 
 class _Autocast(nn.Module):
