@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from acestep_ft.config import (
-    AdapterMode, Config, Device, Distributed, FrozenDtype, FullMode, MixedPrecision, NonfinitePolicy,
+    AdapterMode, Conditions, Config, Device, Distributed, FrozenDtype, FullMode, MixedPrecision, NonfinitePolicy,
     PreprocessedDataset, field_default, flatten, resolve_hardware,
 )
-from acestep_ft.data.fingerprint import compare_fingerprints, make_fingerprint, read_fingerprint
+from acestep_ft.data.fingerprint import ENCODER_INPUTS_IGNORE, compare_fingerprints, make_fingerprint, read_fingerprint
 from acestep_ft.distributed import strategy_problems
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 from acestep_ft.model.decoder import checkpointed_layers
@@ -32,7 +32,7 @@ from acestep_ft.train.checkpoint import TrainingState, check_resume, read_state,
 from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
 from acestep_ft.train.optim import optimizer_problems, param_groups
 from acestep_ft.train.previews import preview_problems
-from acestep_ft.train.trainable import make_trainable, unfreeze_starts
+from acestep_ft.train.trainable import make_trainable, trained_module, trains_encoder, unfreeze_starts
 
 
 def unmatched_lora_targets(decoder: nn.Module, targets: List[str]) -> List[str]:
@@ -96,9 +96,11 @@ def check_config(cfg: Config, run_dir: Path, requeued: bool = False) -> Tuple[Op
     problems += strategy_problems(cfg, on_cpu)
     if isinstance(cfg.mode, FullMode) and cfg.mode.unfreeze:
         try:
-            unfreeze_starts(build_meta_model(cfg.model).decoder, cfg.mode.unfreeze, steps_per_epoch=1)
+            unfreeze_starts(trained_module(build_meta_model(cfg.model), cfg.mode), cfg.mode.unfreeze,
+                            steps_per_epoch=1)
         except ValueError as err:
             problems.append(str(err))
+    problems += encoder_training_problems(cfg)
     if isinstance(cfg.mode, AdapterMode):
         missing = unmatched_lora_targets(build_meta_model(cfg.model).decoder, list(cfg.mode.target_modules))
         if missing:
@@ -166,6 +168,23 @@ def init_adapter_problems(mode: AdapterMode) -> List[str]:
             return [f"mode.init_adapter={mode.init_adapter} holds a {kind} adapter but mode={mode.name}: use "
                     f"mode={kind.lower()} (with the source's rank and target_modules)."]
     return []
+
+
+def encoder_training_problems(cfg: Config) -> List[str]:
+    """A condition_encoder stage needs data that carries the encoder's inputs, and (for now) one replica of the
+    weights per process."""
+    if not trains_encoder(cfg.mode):
+        return []
+    problems = []
+    if cfg.dataset.conditions != Conditions.encoder_inputs:
+        problems.append("mode.unfreeze has a condition_encoder stage, but dataset.conditions=encoder_outputs: the data "
+                        "holds the encoder's outputs (encoder_hidden_states), so its weights would never receive a "
+                        "gradient. Fix: dataset.conditions=encoder_inputs with data preprocessed with "
+                        "preprocess.store=inputs or both, or remove the stage.")
+    if cfg.hardware.distributed in (Distributed.fsdp, Distributed.deepspeed):
+        problems.append(f"hardware.distributed={cfg.hardware.distributed} with a condition_encoder stage is not "
+                        "supported yet (the encoder runs outside the sharded decoder): use hardware.distributed=ddp.")
+    return problems
 
 
 def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:
@@ -236,13 +255,16 @@ def check_data_fingerprint(cfg: Config, model: nn.Module, say) -> None:
     if not isinstance(cfg.dataset, PreprocessedDataset):
         return
     ours = make_fingerprint(cfg.model.variant, condition_encoder_digest(model), None, None, None, {})
+    # on encoder inputs the condition encoder runs in training: data of any variant with the same VAE and text
+    # encoder fits
+    ignore = ENCODER_INPUTS_IGNORE if cfg.dataset.conditions == Conditions.encoder_inputs else ()
     for path in [cfg.dataset.path] + ([cfg.dataset.val_path] if cfg.dataset.val_path else []):
         data_fp = read_fingerprint(path)
         if data_fp is None:
             say(f"data fingerprint of {path}: none (legacy .pt data); which condition encoder produced it cannot be "
                 "checked")
             continue
-        problems = compare_fingerprints(data_fp, ours)
+        problems = compare_fingerprints(data_fp, ours, ignore)
         if problems and not cfg.dataset.allow_fingerprint_mismatch:
             raise UserError(f"The data in {path} was not made for this model:\n  " + "\n  ".join(problems)
                              + "\n(dataset.allow_fingerprint_mismatch=true trains anyway.)")

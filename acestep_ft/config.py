@@ -29,6 +29,22 @@ class FrozenDtype(StrEnum):
     float16 = "float16"
 
 
+class Conditions(StrEnum):
+    encoder_outputs = "encoder_outputs"
+    encoder_inputs = "encoder_inputs"
+
+
+class StoreConditions(StrEnum):
+    outputs = "outputs"
+    inputs = "inputs"
+    both = "both"
+
+
+class LyricFormat(StrEnum):
+    raw = "raw"
+    official_template = "official_template"
+
+
 class DataFormat(StrEnum):
     auto = "auto"
     pt = "pt"
@@ -144,6 +160,13 @@ class ModelConfig:
     """Latent frames per DiT token (25 Hz -> 12.5 tokens/s)."""
     text_hidden_dim: int = 1024
     """Text-encoder (Qwen3-Embedding-0.6B) width."""
+    text_vocab_size: int = 151669
+    """Text-encoder vocabulary (Qwen3-Embedding-0.6B: 151 669 tokens): lyric token ids of encoder_inputs data must be
+    below it; the size of the random lyric embedding table of a random-init model (model.path None)."""
+    text_encoder_path: Optional[str] = None
+    """Text encoder + tokenizer directory (transformers Qwen3-Embedding-0.6B) for preprocessing, text prompts and the
+    lyric embedding table of encoder_inputs data; None = <model.path>/../Qwen3-Embedding-0.6B (the official
+    checkpoint layout)."""
     timbre_hidden_dim: int = 64
     """Reference-audio latent channels."""
     timbre_fix_frame: int = 750
@@ -253,9 +276,11 @@ class UnfreezeStage:
     """Weights of one module (optionally a name-pattern subset) that start training at a step or epoch."""
 
     module: TrainModule = TrainModule.decoder
-    """decoder, or condition_encoder (refused while the data holds its cached outputs, encoder_hidden_states)."""
+    """decoder, or condition_encoder (needs dataset.conditions=encoder_inputs: data holding the encoder's outputs
+    would never give its weights a gradient)."""
     pattern: str = ""
-    """Regex searched in parameter names relative to the module (e.g. layers\\.(2[0-3])\\.); empty = all of it."""
+    """Regex searched in parameter names relative to the module (decoder: layers\\.(2[0-3])\\.; condition_encoder:
+    lyric_encoder, timbre_encoder, text_projector); empty = all of it."""
     at_step: int = 0
     """First optimizer step (0-based count of steps done) at which these weights train."""
     at_epoch: Optional[int] = None
@@ -290,6 +315,11 @@ class DatasetConfig:
     when samples are added); 0 = no validation split."""
     worst_case_first: bool = False
     """Make the first batch one of the longest clips, so an out-of-memory shows at step 1, not hours in."""
+    conditions: Conditions = Conditions.encoder_outputs
+    """What a sample holds for the condition: encoder_outputs = the condition encoder's output (encoder_hidden_states,
+    as the official and Side-Step preprocessors write it); encoder_inputs = what the condition encoder consumes
+    (caption text-encoder states, lyric token ids, timbre reference latents), so the encoder runs in every training
+    step and can train (mode.unfreeze with module=condition_encoder)."""
 
 
 @dataclass
@@ -304,7 +334,11 @@ class SyntheticDataset(DatasetConfig):
     max_frames: int = 48
     """Longest latent length (frames at 25 Hz)."""
     condition_length: int = 12
-    """encoder_hidden_states length L."""
+    """encoder_hidden_states length L (encoder_outputs)."""
+    text_length: int = 8
+    """Caption tokens Lt of text_hidden_states (encoder_inputs)."""
+    lyric_length: int = 16
+    """Lyric tokens Ll of lyric_token_ids (encoder_inputs)."""
     seed: int = 1234
     """Generator seed (the data never depends on train.seed)."""
 
@@ -527,8 +561,6 @@ class SampleConfig:
     vae_path: Optional[str] = None
     """VAE (diffusers AutoencoderOobleck directory) that decodes the sampled latents to audio: samples/step-N/*.wav
     and the logger. None = <model.path>/../vae when that exists (the official layout), else latents only."""
-    text_encoder_path: Optional[str] = None
-    """Text encoder + tokenizer directory for train.samples.prompts; None = <model.path>/../Qwen3-Embedding-0.6B."""
 
 
 @dataclass
@@ -672,8 +704,11 @@ class PreprocessConfig:
     None = sidecars: song.json ({"caption", "lyrics", ...}), or song.txt (caption) + song.lyrics.txt."""
     vae_path: Optional[str] = None
     """diffusers AutoencoderOobleck directory; None = <model.path>/../vae (the official checkpoint layout)."""
-    text_encoder_path: Optional[str] = None
-    """Text encoder + tokenizer directory (transformers); None = <model.path>/../Qwen3-Embedding-0.6B."""
+    store: StoreConditions = StoreConditions.outputs
+    """What each sample stores for the condition: outputs = the condition encoder's output (encoder_hidden_states,
+    trains with dataset.conditions=encoder_outputs); inputs = what it consumes (text-encoder states and token ids of
+    the caption, lyric token ids, the timbre reference), for dataset.conditions=encoder_inputs, independent of the
+    condition encoder's weights; both = the two sets."""
     max_seconds: float = 240.0
     """Audio longer than this is truncated (the official preprocessor's max_duration)."""
     chunk_seconds: float = 30.0
@@ -682,8 +717,14 @@ class PreprocessConfig:
     """Context on each side of a window, encoded and discarded, so chunk seams do not show."""
     text_max_tokens: int = 256
     """Caption prompt length (padded / truncated), as the official preprocessor."""
-    lyric_max_tokens: int = 512
-    """Lyric length (padded / truncated), as the official preprocessor."""
+    lyric_max_tokens: int = 2048
+    """Lyric tokens kept (longer lyrics are cut); raw lyrics are also padded to it (the official trainer before the
+    template: 512)."""
+    lyric_format: LyricFormat = LyricFormat.official_template
+    """How lyrics are tokenized: official_template = what official ACE-Step 1.5 training and inference do now:
+    "# Languages\n{language}\n\n# Lyric\n{lyrics}<|endoftext|>", not padded (lengths vary per song), language from
+    the song's sidecar JSON / CSV `language` column, default "unknown"; raw = the lyric text as it is, padded to
+    lyric_max_tokens (the official trainer's earlier preprocessing and Side-Step's). Recorded in the fingerprint."""
     dtype: ExportDtype = ExportDtype.bfloat16
     """Stored tensor dtype (official CUDA preprocessing stores bf16)."""
     shard_mb: int = 1024
@@ -721,8 +762,6 @@ class GenerateRoot:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     vae_path: Optional[str] = None
     """VAE directory; None = <model.path>/../vae."""
-    text_encoder_path: Optional[str] = None
-    """Text encoder + tokenizer directory; None = <model.path>/../Qwen3-Embedding-0.6B."""
     output: Optional[str] = None
     """Where the wav goes; None = generated/<date>-<time>-seed<seed>.wav in the working directory."""
 

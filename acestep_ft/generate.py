@@ -112,8 +112,8 @@ def generate(cfg: GenerateRoot, say: Callable[[str], None] = print) -> Path:
     if problems:
         raise ConfigError("\n".join(problems))
     sampler = resolve_sampler(cfg.sampler, cfg.model.is_turbo)
-    text_dir, vae_dir = prompt_dirs(cfg.text_encoder_path, cfg.vae_path, cfg.model.path, "text_encoder_path",
-                                    "vae_path")
+    text_dir, vae_dir = prompt_dirs(cfg.model.text_encoder_path, cfg.vae_path, cfg.model.path,
+                                    "model.text_encoder_path", "vae_path")
     cuda = torch.cuda.is_available()
     if str(cfg.hardware.device) == "cuda" and not cuda:
         raise ConfigError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto.")
@@ -128,7 +128,7 @@ def generate(cfg: GenerateRoot, say: Callable[[str], None] = print) -> Path:
             model = load_model(cfg.model, device=device, dtype=dtype).eval()
         vae = load_vae(vae_dir, "vae_path", device)
         prompt = PromptSample(caption=cfg.prompt, lyrics=cfg.lyrics, duration=cfg.duration, seed=cfg.seed)
-        encoded = encode_prompts([prompt], model, cfg.model, text_dir, vae, device, dtype, "text_encoder_path")[0]
+        encoded = encode_prompts([prompt], model, cfg.model, text_dir, vae, device, dtype, "model.text_encoder_path")[0]
         adapter = "adapter: none" if adapter_dir is None else apply_adapter(model.decoder, adapter_dir, cfg.adapter)
     model.decoder.to(device=device, dtype=dtype).eval()  # the adapter's tensors too
     loaded = time.perf_counter()

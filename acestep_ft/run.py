@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from acestep_ft.checks import (
     check_config, check_data_fingerprint, check_resume_config, data_fingerprint_digest, flat_config, validation_dir,
 )
-from acestep_ft.config import AdapterMode, Config, Distributed, FullMode, resolve_frozen_dtype, resolve_hardware
-from acestep_ft.data import BatchStream, build_dataset
-from acestep_ft.data.batch import Sample
+from acestep_ft.config import (AdapterMode, Conditions, Config, Distributed, FullMode, resolve_frozen_dtype,
+                               resolve_hardware)
+from acestep_ft.data import BatchStream, ConditionWidths, build_dataset
+from acestep_ft.data.batch import Batch, Sample
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.dataset import SampleSource, resolve_cache_policy, split_train_val
 from acestep_ft.data.prefetch import Prefetcher
@@ -48,6 +49,7 @@ from acestep_ft.train.adapters import COMFYUI_FILE, init_from_adapter
 from acestep_ft.train.checkpoint import (
     TrainingState, apply_optimizer_settings, capture_rng, load_weights, restore_rng, save_checkpoint, signature,
 )
+from acestep_ft.train.conditioning import Conditioner, load_token_table, text_encoder_dir
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.evaluate import ValidationSet, validation_loss
@@ -56,7 +58,8 @@ from acestep_ft.train.loop import LoopParts, train_loop
 from acestep_ft.train.metrics import METRICS_FILE, MetricsSink, plot_loss
 from acestep_ft.train.optim import (build_optimizer, build_scheduler, evaluation_mode, group_settings, group_table,
                                     param_groups)
-from acestep_ft.train.previews import build_previews
+from acestep_ft.train.previews import build_previews, data_settings
+from acestep_ft.train.step import Encode
 from acestep_ft.train.trainable import (
     cast_frozen_, count_parameters, export_trained, held_back, make_trainable, trained_at_load, unfreeze_starts,
     write_trained,
@@ -69,10 +72,11 @@ def build_sources(cfg: Config, encoder_width: int, say) -> Tuple[SampleSource, O
     say(f"cache: {policy} ({why})")
     # pass the resolved policy on, so auto's directory scan and format detection run once
     cache = replace(cfg.cache, policy=policy)
-    source = build_dataset(cfg.dataset, cache, encoder_width=encoder_width)
+    widths = ConditionWidths(encoder=encoder_width, text=cfg.model.text_hidden_dim, vocab=cfg.model.text_vocab_size)
+    source = build_dataset(cfg.dataset, cache, widths)
     val_path = validation_dir(cfg)
     if val_path is not None:
-        val = build_dataset(replace(cfg.dataset, path=val_path, val_path=None), cache, encoder_width=encoder_width)
+        val = build_dataset(replace(cfg.dataset, path=val_path, val_path=None), cache, widths)
         say(f"validation: {len(val)} samples from dataset.val_path={val_path}")
         return source, val
     if cfg.dataset.val_fraction > 0:
@@ -97,11 +101,12 @@ def build_batches(cfg: Config, source: SampleSource, acc: Accelerator, say) -> B
 
 def evaluation_hooks(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Module, ema: Optional[Ema],
                      optimizer: torch.optim.Optimizer, train_source: SampleSource,
-                     val_source: Optional[SampleSource], run_dir: Path,
-                     sink: MetricsSink) -> Tuple[Optional[Callable[[], float]], Optional[Callable[[int], Dict]]]:
+                     val_source: Optional[SampleSource], run_dir: Path, sink: MetricsSink,
+                     encode: Optional[Encode]) -> Tuple[Optional[Callable[[], float]], Optional[Callable[[int], Dict]]]:
     """(validate, generate) for the loop: the validation loss of the current weights (None without a split) and the
     previews at a step (None unless train.samples.every_epochs; train/previews.py, whose setup encodes the text
-    prompts once, here). Both use the EMA weights when train.ema.for_eval."""
+    prompts once, here). Both use the EMA weights when train.ema.for_eval, and `encode` for data that carries the
+    condition encoder's inputs."""
     def evaluation_weights():
         return ema.applied() if ema is not None and cfg.train.ema.for_eval else nullcontext()
 
@@ -110,21 +115,21 @@ def evaluation_hooks(cfg: Config, acc: Accelerator, model: nn.Module, decoder: n
         acc.process_index, acc.num_processes)
     previews = None
     if cfg.train.samples.every_epochs:
-        def encode(text_dir: Path, vae: Any) -> List[Sample]:  # the prompts, once, on the main process
+        def encode_prompt_texts(text_dir: Path, vae: Any) -> List[Sample]:  # the prompts, once, on the main process
             dtype = COMPUTE.get(str(acc.mixed_precision), torch.float32)
             return encode_prompts(cfg.train.samples.prompts, model, cfg.model, text_dir, vae, acc.device, dtype,
-                                  "train.samples.text_encoder_path")
+                                  "model.text_encoder_path", data_settings(cfg.dataset))
 
         previews = build_previews(cfg.train.samples, cfg.model, model, acc, val_source or train_source,
                                   seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
-                                  cfg.objective.attention_mask, sink.log_audio, acc.print, encode)
+                                  cfg.objective.attention_mask, sink.log_audio, acc.print, encode_prompt_texts, encode)
     elif cfg.train.samples.prompts:
         acc.print("samples: train.samples.prompts are rendered only with train.samples.every_epochs > 0")
 
     def validate() -> float:
         with evaluation_mode(optimizer), evaluation_weights():  # schedule-free's average x, then EMA if chosen
             return validation_loss(acc, decoder, val_set, cfg.objective, cfg.model.timestep_mu,
-                                   cfg.model.timestep_sigma)
+                                   cfg.model.timestep_sigma, encode)
 
     def generate(step: int) -> Dict[str, float]:
         with evaluation_mode(optimizer), evaluation_weights(), acc.autocast():
@@ -177,6 +182,25 @@ def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Modu
         acc.print(f"{'done' if finished else 'paused'}: step {start_step + len(losses)}, loss "
                   f"{sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f} (mean of the first / last {k} steps); "
                   f"run directory {run_dir.resolve()}")
+
+
+def condition_encoder(cfg: Config, model: nn.Module, frozen: torch.dtype, acc: Accelerator, say) -> Optional[Encode]:
+    """For dataset.conditions=encoder_inputs: the condition encoder and the text encoder's token table on the device,
+    called under the run's autocast (train/conditioning.py); None for data that holds the encoder's outputs."""
+    if cfg.dataset.conditions != Conditions.encoder_inputs:
+        return None
+    conditioner = Conditioner(model.encoder, load_token_table(cfg.model, frozen)).to(acc.device)
+    trained = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    say(f"conditions: the condition encoder runs in every step ({trained:,} of its parameters train) on lyric ids "
+        f"embedded with the text encoder's table of {conditioner.table.shape[0]:,} tokens "
+        + ("(random: model.path is not set)" if cfg.model.path is None and cfg.model.text_encoder_path is None
+           else f"from {text_encoder_dir(cfg.model)}"))
+
+    def encode(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        with acc.autocast():
+            return conditioner(batch)
+
+    return encode
 
 
 @torch.no_grad()
@@ -282,10 +306,12 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
         # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
         # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
         broadcast_module_(model if cfg.model.path is None else decoder)
+    encode = condition_encoder(cfg, model, frozen, acc, print0)
     trainable, total = count_parameters(model)
+    on_device = "the decoder and the condition encoder go" if encode is not None else "the decoder goes"
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%, float32), frozen weights in "
-           f"{str(frozen).replace('torch.', '')} (model.frozen_dtype={cfg.model.frozen_dtype}); only the decoder goes "
+           f"{str(frozen).replace('torch.', '')} (model.frozen_dtype={cfg.model.frozen_dtype}); only {on_device} "
            f"to {acc.device}")
 
     check_data_fingerprint(cfg, model, print0)
@@ -396,11 +422,11 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     sink = MetricsSink(run_dir, cfg.logger, launch.choices, OmegaConf.to_container(OmegaConf.structured(cfg)),
                        start_step=start_step, enabled=acc.is_main_process)
     validate, generate = evaluation_hooks(cfg, acc, model, decoder, ema, optimizer, train_source, val_source, run_dir,
-                                          sink)
+                                          sink, encode)
     parts = LoopParts(acc, decoder, null_embedding, optimizer, scheduler, prefetcher, cfg.objective,
                       cfg.model.timestep_mu, cfg.model.timestep_sigma, ema, held, steps_per_epoch, validate,
                       early_stop, generate, stop, *((state.nonfinite_skips, state.nonfinite_in_a_row)
-                                                    if state is not None else (0, 0)))
+                                                    if state is not None else (0, 0)), encode)
     stop.install()
     try:
         losses = train_loop(parts, cfg.train, start_step, sink, save, cfg.optim.grad_clip)

@@ -3,9 +3,11 @@
     python scripts/convert_pt_to_v3.py --src DIR --dst DIR [--shard-mb 256] [--overwrite] [--model-variant X]
 
 Files are found as training finds them (`pt_index`: manifest.json order, else the sorted *.pt files), loaded with
-`torch.load(weights_only=True)` and written in their original dtype (bf16 stays bf16). Afterwards every sample is
-read back through `V3Directory` (checksums on) and compared with the source: tensors byte-identical (dtype, shape and
-a hash of the bytes recorded while converting), metadata equal as JSON. The fingerprint records --model-variant
+`torch.load(weights_only=True)` and written in their original dtype (bf16 stays bf16), with every condition set they
+carry (official files: encoder_outputs; files that also hold the condition encoder's inputs keep them too). Afterwards
+every sample is read back through `V3Directory` (checksums on), once per condition set, and compared with the source:
+tensors byte-identical (dtype, shape and a hash of the bytes recorded while converting; token ids compared as
+int64), metadata equal as JSON. The fingerprint records --model-variant
 (default "unknown"); encoder digests are unknown for .pt data. Exit status: 0 converted and verified; 1 a file could not
 be read or written, or the round trip differs (the message names the file and the fix); 2 usage: --src is no .pt
 dataset directory, --dst is a file, a bad option.
@@ -22,29 +24,41 @@ from pathlib import Path
 import torch
 import xxhash
 
+from acestep_ft.data.batch import ID_KEYS, ConditionWidths
 from acestep_ft.data.errors import DataError, data_error
 from acestep_ft.data.fingerprint import make_fingerprint
-from acestep_ft.data.pt_format import REQUIRED_KEYS, load_pt
+from acestep_ft.data.pt_format import SPEC, load_pt
 from acestep_ft.data.pt_index import MANIFEST, index_directory
-from acestep_ft.data.v3_reader import V3Directory
+from acestep_ft.data.v3_reader import INDEX_NAME, V3Directory
 from acestep_ft.data.v3_writer import V3WriteSummary, json_safe, write_v3
 from acestep_ft.errors import ConfigError, UserError, reported_errors
 
 
-def tensor_identity(tensors) -> list:
-    """(dtype, shape, xxh3 of the raw bytes) per field: equal lists <=> bit-identical tensors."""
-    out = []
-    for k in REQUIRED_KEYS:
-        t = tensors[k].detach().contiguous()
-        out.append((str(t.dtype), tuple(t.shape), xxhash.xxh3_64_hexdigest(t.view(-1).view(torch.uint8).numpy())))
+def tensor_identity(tensors) -> dict:
+    """Per sample tensor (the keys of the .pt format that are present and not None): (dtype, shape, xxh3 of the raw
+    bytes); equal dicts <=> bit-identical tensors. Token ids are taken as int64 (v3 hands them out so)."""
+    out = {}
+    for k in SPEC:
+        t = tensors.get(k)
+        if isinstance(t, torch.Tensor):
+            t = (t.long() if k in ID_KEYS else t).detach().contiguous()
+            out[k] = (str(t.dtype), tuple(t.shape), xxhash.xxh3_64_hexdigest(t.view(-1).view(torch.uint8).numpy()))
     return out
+
+
+def _read_back(dst: Path) -> list[V3Directory]:
+    """One checksummed reader per condition set the written dataset carries, with the header's widths."""
+    header = json.loads((dst / INDEX_NAME).read_bytes().splitlines()[0])
+    widths = ConditionWidths(encoder=header["encoder_width"] or 0, text=header["text_width"] or 0,
+                             vocab=(header["token_id_max"] or 0) + 1)
+    return [V3Directory(dst, widths, verify_checksums=True, conditions=c) for c in header["conditions"]]
 
 
 def convert(src: Path, dst: Path, shard_mb: float, overwrite: bool, model_variant: str,
             progress: bool = True) -> V3WriteSummary:
     """Write `src` as v3 into `dst` and verify the round trip; raises DataError on any problem."""
     index = index_directory(src)
-    expected: list[tuple[str, list, str]] = []
+    expected: list[tuple[str, dict, str]] = []
     current: list[Path] = []
 
     def samples():
@@ -64,21 +78,25 @@ def convert(src: Path, dst: Path, shard_mb: float, overwrite: bool, model_varian
         if current and str(current[0]) not in str(exc):
             raise DataError(f"{exc} (source file: {current[0]})") from exc
         raise
-    width = int(dict(zip(REQUIRED_KEYS, expected[0][1]))["encoder_hidden_states"][1][1])
-    v3 = V3Directory(dst, encoder_width=width, verify_checksums=True)
+    for v3 in _read_back(dst):
+        _verify(v3, dst, expected)
+    return summary
+
+
+def _verify(v3: V3Directory, dst: Path, expected: list[tuple[str, dict, str]]) -> None:
+    """Every sample of `v3` (one condition set) equals its source: tensors of that set bit-identical, metadata."""
     if len(v3) != len(expected):
         raise data_error(dst, "round trip: sample count differs", found=str(len(v3)), expected=str(len(expected)),
                          fix="re-run the conversion.")
     for i, (key, identity, meta) in enumerate(expected):  # the source hashes were taken as each file was written
         sample = v3[i]
-        got = vars(sample)
-        if sample.key != key or tensor_identity(got) != identity:
-            raise data_error(dst, "round trip: tensors differ from the source", key=key,
-                             found=str(tensor_identity(got)), expected=str(identity), fix="re-run the conversion.")
+        got = tensor_identity(vars(sample))
+        if sample.key != key or got != {k: identity.get(k) for k in got}:
+            raise data_error(dst, "round trip: tensors differ from the source", key=key, found=str(got),
+                             expected=str(identity), fix="re-run the conversion.")
         if json.dumps(v3.metadata(i), sort_keys=True) != meta:
             raise data_error(dst, "round trip: metadata differs from the source", key=key,
                              found=json.dumps(v3.metadata(i)), expected=meta, fix="re-run the conversion.")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

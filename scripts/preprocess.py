@@ -3,9 +3,10 @@
     python scripts/preprocess.py model=acestep15_turbo model.path=/ckpt/acestep-v15-turbo \
         preprocess.input_dir=/music preprocess.output_dir=/data/music_v3 hardware=a100
     python scripts/preprocess.py ... preprocess.metadata_csv=/music/captions.csv preprocess.chunk_seconds=15
+    python scripts/preprocess.py ... preprocess.store=inputs    # condition-encoder inputs: trainable encoder
 
 The VAE and text encoder default to the official layout beside the DiT (<model.path>/../vae,
-<model.path>/../Qwen3-Embedding-0.6B). An interrupted run continues where it stopped when started again with the same
+<model.path>/../Qwen3-Embedding-0.6B; preprocess.vae_path / model.text_encoder_path override). An interrupted run continues where it stopped when started again with the same
 settings. Exit status: 0 when the dataset was written (skipped files are listed), 1 when no file could be processed,
 the output directory or the checkpoint was refused or could not be loaded, 2 for a usage / config error (an override
 Hydra refuses, a required setting missing, a path on the command line that does not exist); errors print their message

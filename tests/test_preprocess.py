@@ -21,7 +21,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from acestep_ft.config import HardwareConfig, PreprocessConfig
+from acestep_ft.config import Conditions, HardwareConfig, PreprocessConfig
+from acestep_ft.data.batch import ConditionWidths
 from acestep_ft.data.fingerprint import read_fingerprint
 from acestep_ft.data.v3_reader import V3Directory
 from acestep_ft.errors import UserError
@@ -34,7 +35,7 @@ from conftest import model_config
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("# Instruction Fill the audio semantic mask based on given conditions: Caption Metas - bpm timesignature "
          "keyscale duration seconds N/A [Instrumental] la da di lofi piano warm tape noise synth pop 4 C major "
-         "A minor 90 120 1 2 3 5 6 7 8 9 0").split()
+         "A minor 90 120 1 2 3 5 6 7 8 9 0 Languages Lyric unknown en").split()
 
 
 def tiny_vae(seed: int = 0):
@@ -90,7 +91,8 @@ def build_songs(root: Path) -> Path:
     (songs / "a_mono.txt").write_text("lofi piano warm tape noise")
     sf.write(songs / "album" / "b_stereo.flac", tone(3.2, 44100, 2, 330), 44100)
     (songs / "album" / "b_stereo.json").write_text(json.dumps(
-        {"caption": "synth pop", "lyrics": "la da di", "bpm": 120, "keyscale": "C major", "timesignature": "4"}))
+        {"caption": "synth pop", "lyrics": "la da di", "bpm": 120, "keyscale": "C major", "timesignature": "4",
+         "language": "en"}))
     sf.write(songs / "c_surround.wav", tone(1.5, 48000, 4, 440), 48000)
     (songs / "c_surround.txt").write_text("warm synth")
     (songs / "c_surround.lyrics.txt").write_text("da di da")
@@ -116,8 +118,9 @@ def run_script(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess
 
 
 def read_all(path: Path) -> dict:
-    v3 = V3Directory(path, encoder_width=64, verify_checksums=True)
-    return {v3[i].key: (vars(v3[i]), v3.metadata(i)) for i in range(len(v3))}
+    v3 = V3Directory(path, 64, verify_checksums=True)
+    tensors = [{k: v for k, v in vars(v3[i]).items() if isinstance(v, torch.Tensor)} for i in range(len(v3))]
+    return {v3[i].key: (tensors[i], v3.metadata(i)) for i in range(len(v3))}
 
 
 def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
@@ -176,8 +179,8 @@ def test_script_builds_a_dataset_that_validates_and_trains(tree, tmp_path):
 
 
 def config(songs: Path, out: Path, **kw) -> PreprocessConfig:
-    return PreprocessConfig(input_dir=str(songs), output_dir=str(out), chunk_seconds=2.0, overlap_seconds=0.4,
-                            max_seconds=3.0, **kw)
+    return PreprocessConfig(input_dir=str(songs), output_dir=str(out), **{"chunk_seconds": 2.0, "overlap_seconds": 0.4,
+                                                                          "max_seconds": 3.0, **kw})
 
 
 def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupted_one(tree, tmp_path, monkeypatch):
@@ -209,6 +212,9 @@ def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupt
 
     with pytest.raises(UserError, match="other weights or settings"):  # other settings: refused, with the fix
         pipeline.preprocess(config(songs, out, seed=1), model, hw, progress=False, load=lambda *a: loaded)
+    for other in ({"store": "both"}, {"lyric_format": "raw"}):  # what is stored / how lyrics read
+        with pytest.raises(UserError, match=f"settings.{next(iter(other))}: "):
+            pipeline.preprocess(config(songs, out, **other), model, hw, progress=False, load=lambda *a: loaded)
 
     calls.clear()
     interrupt_at = None
@@ -220,9 +226,9 @@ def test_an_interrupted_run_resumes_with_only_the_rest_and_equals_an_uninterrupt
     assert list(ref) == list(got)
     for key, (tensors, meta) in ref.items():
         assert meta == got[key][1]
+        assert tensors.keys() == got[key][0].keys()
         for name, t in tensors.items():
-            if name != "key":
-                assert torch.equal(t, got[key][0][name]), (key, name)
+            assert torch.equal(t, got[key][0][name]), (key, name)
     assert read_fingerprint(reference) == read_fingerprint(out)
     with pytest.raises(UserError, match="already holds a finished dataset"):
         pipeline.preprocess(config(songs, out), model, hw, progress=False, load=lambda *a: loaded)
@@ -238,3 +244,168 @@ def test_nothing_processable_exits_1(tree, tmp_path):
                       f"preprocess.output_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1 and "skipped x.wav: unreadable" in proc.stdout and "no dataset written" in proc.stdout
     assert not (tmp_path / "o").exists()
+
+
+# --- preprocess.store and preprocess.lyric_format -------------------------------------------------------------------
+
+ENCODER_OUTPUTS = {"encoder_hidden_states", "encoder_attention_mask"}
+ENCODER_INPUTS = {"text_hidden_states", "text_attention_mask", "text_token_ids", "lyric_token_ids",
+                  "lyric_attention_mask", "refer_audio_latents"}
+ALWAYS = {"target_latents", "attention_mask", "context_latents"}
+SHORT = {"max_seconds": 1.0}  # one second of audio per song: the VAE takes most of the time
+
+
+def read_members(path: Path) -> dict:
+    """{name: (tensors, metadata)} read straight from the shards with safetensors, at the offsets index.jsonl gives
+    (independent of the v3 reader's key set)."""
+    import safetensors.torch
+
+    lines = (path / "index.jsonl").read_text(encoding="utf-8").splitlines()[1:]
+    out = {}
+    for entry in map(json.loads, lines):
+        data = (path / entry["shard"]).read_bytes()
+        tensors = safetensors.torch.load(data[entry["offset"]: entry["offset"] + entry["length"]])
+        start, length = entry["json"]
+        out[entry["name"]] = tensors, json.loads(data[start: start + length])["metadata"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_songs(tree, tmp_path_factory):
+    """(DiT dir, a folder with b_stereo.flac (lyrics, language en) and a_mono.wav (instrumental, no language))."""
+    dit, songs = tree
+    small = tmp_path_factory.mktemp("two")
+    for name in ("a_mono.wav", "a_mono.txt", "album/b_stereo.flac", "album/b_stereo.json"):
+        (small / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(songs / name, small / name)
+    return dit, small
+
+
+@pytest.fixture(scope="module")
+def stores(two_songs, tmp_path_factory):
+    """{store: (dataset dir, Encoders)}: outputs and both (raw lyrics, float32), and inputs with the official lyric
+    template in bfloat16 (ids must stay int64 there)."""
+    dit, songs = two_songs
+    root = tmp_path_factory.mktemp("stores")
+    model = replace(model_config("tiny"), path=str(dit))
+    hw = HardwareConfig(device="cpu", mixed_precision="no")
+    raw = {"lyric_format": "raw", "lyric_max_tokens": 512}  # the official trainer's earlier preprocessing
+    runs = {"outputs": config(songs, root / "outputs", dtype="float32", **raw, **SHORT),
+            "both": config(songs, root / "both", dtype="float32", store="both", **raw, **SHORT),
+            "inputs": config(songs, root / "inputs", store="inputs", lyric_format="official_template", **SHORT)}
+    done = {}
+    for store, pre in runs.items():
+        enc = Encoders.load(model, pre, hw)
+        assert pipeline.preprocess(pre, model, hw, progress=False, load=lambda *a: enc).ok
+        done[store] = Path(pre.output_dir), enc
+    return done
+
+
+def test_each_store_writes_its_keys_with_ids_as_int64_within_the_vocabulary(stores):
+    expected = {"outputs": ALWAYS | ENCODER_OUTPUTS, "inputs": ALWAYS | ENCODER_INPUTS,
+                "both": ALWAYS | ENCODER_OUTPUTS | ENCODER_INPUTS}
+    for store, (out, enc) in stores.items():
+        data = read_members(out)
+        assert sorted(data) == ["a_mono.wav", "album/b_stereo.flac"]
+        float_dtype = torch.bfloat16 if store == "inputs" else torch.float32
+        for name, (tensors, meta) in data.items():
+            assert set(tensors) == expected[store], (store, name)
+            for key, t in tensors.items():
+                ids = key.endswith("_token_ids")
+                assert t.dtype == (torch.int64 if ids else float_dtype), (store, key, t.dtype)
+            assert meta["lyrics"] == ("la da di" if name.endswith("flac") else "[Instrumental]")
+            if store == "outputs":
+                continue
+            vocab = enc.text_model.get_input_embeddings().weight.shape[0]
+            for key in ("text_token_ids", "lyric_token_ids"):
+                assert 0 <= int(tensors[key].min()) and int(tensors[key].max()) < vocab
+            lt, d_text = tensors["text_hidden_states"].shape
+            assert lt == 256 and d_text == 32 and tensors["text_attention_mask"].shape == (256,)
+            assert tensors["text_token_ids"].shape == (256,) and tensors["lyric_attention_mask"].shape == \
+                tensors["lyric_token_ids"].shape
+            assert tensors["refer_audio_latents"].shape == (1, 1, 64) and not tensors["refer_audio_latents"].any()
+    widths = ConditionWidths(encoder=64, text=32, vocab=model_config("tiny").text_vocab_size)
+    for store in ("inputs", "both"):  # the data layer reads them as encoder_inputs data
+        v3 = V3Directory(stores[store][0], widths, verify_checksums=True, conditions=Conditions.encoder_inputs)
+        assert len(v3) == 2 and v3[0].key == "a_mono.wav"
+    raw = read_members(stores["both"][0])["a_mono.wav"][0]
+    assert raw["lyric_token_ids"].shape == (512,) and raw["lyric_attention_mask"].sum() == 1  # padded to 512
+    template = read_members(stores["inputs"][0])["a_mono.wav"][0]  # official template: not padded
+    assert template["lyric_token_ids"].shape == (7,) and bool((template["lyric_attention_mask"] == 1).all())
+
+
+def test_store_both_is_outputs_plus_inputs_and_the_inputs_reproduce_the_outputs(stores, two_songs):
+    from transformers import AutoModel, AutoTokenizer
+
+    from acestep_ft.preprocess.captions import Song, caption_prompt
+
+    dit, _ = two_songs
+    outputs, both = read_members(stores["outputs"][0]), read_members(stores["both"][0])
+    qwen = dit.parent / "Qwen3-Embedding-0.6B"
+    tokenizer, text_model = AutoTokenizer.from_pretrained(str(qwen)), AutoModel.from_pretrained(str(qwen)).eval()
+    encoder = load_model(replace(model_config("tiny"), path=str(dit))).encoder.eval()
+    song = Song("synth pop", lyrics="la da di", bpm=120, keyscale="C major", timesignature="4", language="en")
+    for name, (tensors, meta) in both.items():
+        assert meta == outputs[name][1]
+        for key, t in outputs[name][0].items():  # the outputs part is a store=outputs run, bit for bit
+            assert torch.equal(tensors[key], t), (name, key)
+        if name != "album/b_stereo.flac":
+            continue
+        with torch.no_grad():
+            tok = tokenizer(caption_prompt(song, meta["duration"]), padding="max_length", max_length=256,
+                            return_tensors="pt")
+            assert torch.equal(tensors["text_token_ids"], tok.input_ids[0])
+            assert torch.equal(tensors["text_hidden_states"], text_model(tok.input_ids).last_hidden_state[0])
+            lyric = tokenizer("la da di", padding="max_length", max_length=512, return_tensors="pt")
+            assert torch.equal(tensors["lyric_token_ids"], lyric.input_ids[0])
+            # the condition encoder on the stored inputs (lyric ids through the text encoder's embedding table, the
+            # stored zero reference) gives the stored outputs
+            hidden, mask = encoder(tensors["text_hidden_states"][None], tensors["text_attention_mask"][None],
+                                   text_model.get_input_embeddings()(tensors["lyric_token_ids"])[None],
+                                   tensors["lyric_attention_mask"][None], tensors["refer_audio_latents"],
+                                   torch.zeros(1, dtype=torch.long))
+        assert torch.equal(hidden[0], tensors["encoder_hidden_states"])
+        assert torch.equal(mask[0].float(), tensors["encoder_attention_mask"])
+
+
+def test_the_official_lyric_template_is_tokenized_unpadded_with_the_song_language(stores):
+    out, enc = stores["inputs"]
+    data = read_members(out)
+    words = {name: enc.tokenizer.convert_ids_to_tokens(t["lyric_token_ids"].tolist()) for name, (t, _) in data.items()}
+    assert words["album/b_stereo.flac"] == ["#", "Languages", "en", "#", "Lyric", "la", "da", "di", "<|endoftext|>"]
+    assert words["a_mono.wav"] == ["#", "Languages", "unknown", "#", "Lyric", "[Instrumental]", "<|endoftext|>"]
+    assert data["album/b_stereo.flac"][1]["language"] == "en" and data["a_mono.wav"][1]["language"] == "unknown"
+    settings = {store: read_fingerprint(path)["settings"] for store, (path, _) in stores.items()}
+    assert settings["inputs"]["lyric_format"] == "official_template" and settings["inputs"]["store"] == "inputs"
+    assert settings["outputs"]["lyric_format"] == "raw" and settings["both"]["store"] == "both"
+
+
+def test_store_inputs_fingerprint_ignores_the_condition_encoder_but_not_the_text_encoder(stores, two_songs,
+                                                                                        tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out, enc = stores["inputs"]
+    assert enc.condition_encoder is None  # not even loaded
+    written = read_fingerprint(out)
+    assert written["condition_encoder_digest"] is None and written["model_variant"] is None
+    assert all(written[k] for k in ("vae_digest", "text_encoder_digest", "tokenizer_digest"))
+
+    def fingerprint(root: Path, store: str) -> dict:
+        pre = config(root, tmp_path / "unused", store=store, lyric_format="official_template", **SHORT)
+        model = replace(model_config("tiny"), path=str(root / "dit"))
+        return Encoders.load(model, pre, HardwareConfig(device="cpu", mixed_precision="no")).fingerprint(
+            pipeline.settings_of(pre))
+
+    original = two_songs[0].parent  # dit/, vae/, Qwen3-Embedding-0.6B/
+    other_encoder, other_text = tmp_path / "enc", tmp_path / "text"
+    for copy in (other_encoder, other_text):
+        shutil.copytree(original, copy)
+    weights = load_file(str(other_encoder / "dit" / "model.safetensors"))
+    save_file({k: v + 0.5 if k.startswith("encoder.") else v for k, v in weights.items()},
+              str(other_encoder / "dit" / "model.safetensors"), metadata={"format": "pt"})
+    tiny_text_encoder(other_text / "Qwen3-Embedding-0.6B", model_config("tiny").text_hidden_dim, seed=1)
+    assert fingerprint(other_encoder, "inputs") == fingerprint(original, "inputs") == written
+    assert fingerprint(other_text, "inputs")["text_encoder_digest"] != written["text_encoder_digest"]
+    # the check can fail: with the encoder's outputs stored, its weights are part of the fingerprint
+    assert fingerprint(other_encoder, "outputs")["condition_encoder_digest"] != \
+        fingerprint(original, "outputs")["condition_encoder_digest"]

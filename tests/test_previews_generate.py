@@ -81,15 +81,15 @@ def test_prompts_without_a_text_encoder_or_vae_are_refused_before_training(train
     dit, _, _ = trained
     with pytest.raises(ConfigError) as err:
         train(train_config(tmp_path / "a", f"model.path={dit}", PROMPTS,
-                           f"train.samples.text_encoder_path={tmp_path / 'nope'}"), tmp_path / "a")
-    assert "train.samples.text_encoder_path" in str(err.value) and str(tmp_path / "nope") in str(err.value)
+                           f"model.text_encoder_path={tmp_path / 'nope'}"), tmp_path / "a")
+    assert "model.text_encoder_path" in str(err.value) and str(tmp_path / "nope") in str(err.value)
     lonely = tmp_path / "ckpt" / "dit"
     shutil.copytree(dit, lonely)  # no vae/ and no Qwen3-Embedding-0.6B/ beside it
     with pytest.raises(ConfigError) as err:
         train(train_config(tmp_path / "b", f"model.path={lonely}", PROMPTS), tmp_path / "b")
     message = str(err.value)
     assert "train.samples.vae_path" in message and str(tmp_path / "ckpt" / "vae") in message
-    assert "train.samples.text_encoder_path" in message and "Qwen3-Embedding-0.6B" in message
+    assert "model.text_encoder_path" in message and "Qwen3-Embedding-0.6B" in message
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 

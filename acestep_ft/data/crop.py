@@ -47,7 +47,7 @@ def crop_window(length: int, max_frames: Optional[int], seed: int, epoch: int, i
 
 def crop_sample(sample: Sample, start: int, end: int) -> Sample:
     """`sample` restricted to frames [start, end): target_latents, attention_mask and context_latents are sliced
-    along T (views, no copy); encoder_hidden_states / encoder_attention_mask (the condition) and key unchanged."""
+    along T (views, no copy); the condition (either set) and the key unchanged."""
     length = sample.target_latents.shape[0]
     if not 0 <= start < end <= length:
         raise ValueError(f"crop_sample: window [{start}, {end}) is outside the {length} frames of {sample.key!r}")

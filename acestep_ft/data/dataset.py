@@ -2,8 +2,10 @@
 
 The dataset option picks where samples come from (`dataset=synthetic`: generated; `dataset=preprocessed`: a v3
 shard directory or official / Side-Step `.pt` files, `dataset.format` detected), `cache.policy` how they are read
-(none, mmap, ram_lru; auto chooses and says why). `.pt` sources return float32 samples; v3 sources return views in
-the stored dtype (bf16 usually), which `collate` converts. Every sample's encoder width equals the model's.
+(none, mmap, ram_lru; auto chooses and says why), `dataset.conditions` which condition set every sample carries
+(encoder_outputs or encoder_inputs, see `batch`; data without that set is a DataError). `.pt` sources return float32
+samples; v3 sources return views in the stored dtype (bf16 usually), which `collate` converts. Every sample's widths
+equal the model's (H_enc; D_text and the token vocabulary for encoder_inputs).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Protocol, Sequence, Tuple, runtime_checkable
 import psutil
 
 from acestep_ft.config import (
-    CacheConfig, CachePolicy, DataFormat, DatasetConfig, PreprocessedDataset, SyntheticDataset,
+    CacheConfig, CachePolicy, Conditions, DataFormat, DatasetConfig, PreprocessedDataset, SyntheticDataset,
 )
-from acestep_ft.data.batch import Sample
+from acestep_ft.data.batch import ConditionWidths, Sample, inputs_widths
 from acestep_ft.data.cache import GIB, apply_cache
 from acestep_ft.data.errors import DataError
 from acestep_ft.data.pt_format import PtDirectory
@@ -29,8 +31,9 @@ from acestep_ft.data.v3_reader import V3Directory, detect_format
 @runtime_checkable
 class SampleSource(Protocol):
     """Map-style collection of samples: `len(source)`, `source[i]`, `source.keys` (one name per index),
-    `source.lengths` / `source.cond_lengths` (latent frames T / condition tokens L per index, known without
-    decoding), `source.location(i)` (file or shard)."""
+    `source.lengths` / `source.cond_lengths` (latent frames T / condition tokens per index, known without decoding:
+    L of encoder_hidden_states, or Ll + R + Lt for encoder_inputs samples, the condition encoder's output length),
+    `source.location(i)` (file or shard)."""
 
     def __len__(self) -> int: ...
 
@@ -70,7 +73,7 @@ class InMemorySource:
 
     @property
     def cond_lengths(self) -> list[int]:
-        return [s.encoder_hidden_states.shape[0] for s in self.samples]
+        return [s.condition_length for s in self.samples]
 
     def location(self, i: int) -> str:
         return f"generated sample {i}"
@@ -168,23 +171,30 @@ def resolve_cache_policy(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig) -> 
     return choose_cache_policy(fmt, size, psutil.virtual_memory().available, cache_cfg.max_gb)
 
 
-def build_dataset(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig, encoder_width: int) -> SampleSource:
-    """The sample source described by `dataset_cfg`, read and cached as `cache_cfg` says.
+def build_dataset(dataset_cfg: DatasetConfig, cache_cfg: CacheConfig,
+                  widths: int | ConditionWidths) -> SampleSource:
+    """The sample source described by `dataset_cfg`, read and cached as `cache_cfg` says, whose samples carry the
+    condition set `dataset_cfg.conditions` (the other set's fields None).
 
-    `encoder_width` is the model's condition-encoder width H_enc (encoder_hidden_size, or hidden_size when unset);
-    samples of another width are rejected with a DataError.
+    `widths`: the model's condition-encoder width H_enc (an int: encoder_outputs only), or `ConditionWidths(encoder,
+    text, vocab)` (required for encoder_inputs: D_text = model.text_hidden_dim, ids < model.text_vocab_size). Samples
+    of other widths, and data without the requested set, are rejected with a DataError.
     """
+    conditions = dataset_cfg.conditions
+    if conditions == Conditions.encoder_inputs:
+        inputs_widths(widths, "build_dataset")
     policy, _ = resolve_cache_policy(dataset_cfg, cache_cfg)
     use_mmap = policy == "mmap"
     match dataset_cfg:
         case SyntheticDataset():
-            source: SampleSource = InMemorySource(make_synthetic_samples(dataset_cfg, encoder_width))
+            source: SampleSource = InMemorySource(make_synthetic_samples(dataset_cfg, widths))
         case PreprocessedDataset():
             match resolve_format(dataset_cfg):
                 case "v3_sharded":
-                    source = V3Directory(dataset_cfg.path, encoder_width, dataset_cfg.verify_checksums, use_mmap)
+                    source = V3Directory(dataset_cfg.path, widths, dataset_cfg.verify_checksums, use_mmap,
+                                         conditions=conditions)
                 case _:
-                    source = PtDirectory(dataset_cfg.path, encoder_width, use_mmap=use_mmap)
+                    source = PtDirectory(dataset_cfg.path, widths, use_mmap=use_mmap, conditions=conditions)
         case other:
             raise ValueError(f"unknown dataset config {type(other).__name__}; choose dataset=synthetic or "
                              "dataset=preprocessed")

@@ -3,11 +3,17 @@
     fp = make_fingerprint("turbo", tensor_digest(encoder_state), vae_digest, None, None, {"max_duration": 240})
     write_fingerprint(dataset_dir, fp)                      # beside the shards, as fingerprint.json
     problems = compare_fingerprints(read_fingerprint(dataset_dir), model_fp)   # [] = compatible
+    problems = compare_fingerprints(data_fp, model_fp, ignore=ENCODER_INPUTS_IGNORE)  # training on encoder_inputs
 
 Cached `encoder_hidden_states` are only valid for the condition encoder that produced them: training computes
 `tensor_digest` of the loaded model's `encoder.*` tensors and compares it with the data's. A field that either side does
 not know (None or "unknown") is not compared, so a dataset converted from legacy `.pt` files (digests unknown) trains
 with any model of its width, while a dataset preprocessed by acestep_ft is tied to its encoder.
+The fingerprint of encoder_inputs data does not depend on the condition encoder's weights (nor on the model variant:
+every variant reads the same caption states, lyric ids and VAE latents); it does depend on the VAE, the text encoder
+and the tokenizer. Such data records None for model_variant and condition_encoder_digest when it carries only the
+inputs; data carrying both sets records them (for its outputs), and a run on its inputs skips them with
+`ignore=ENCODER_INPUTS_IGNORE`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -34,17 +40,21 @@ HASH_BUDGET_BYTES = 16 * 2**20
 SMALL_TENSOR_BYTES = 64 * 2**10
 """Tensors up to this size are hashed whole (norms, biases: a changed value there is always seen)."""
 _UNKNOWN = (None, "unknown", "")
+COMPARED_FIELDS = ("schema_version", "model_variant", *DIGEST_FIELDS)
+ENCODER_INPUTS_IGNORE = ("model_variant", "condition_encoder_digest")
+"""What a run on encoder_inputs data does not compare: the condition encoder runs (and may train) in every step."""
 
 
 def make_fingerprint(
-    model_variant: str,
+    model_variant: Optional[str],
     condition_encoder_digest: Optional[str],
     vae_digest: Optional[str],
     text_encoder_digest: Optional[str],
     tokenizer_digest: Optional[str],
     settings: dict,
 ) -> dict:
-    """A JSON-safe fingerprint dict; pass None for anything not known (it is then never compared)."""
+    """A JSON-safe fingerprint dict; pass None for anything not known (it is then never compared), and for
+    model_variant and condition_encoder_digest of data carrying only encoder_inputs (it does not depend on them)."""
     return {
         "schema_version": PREPROCESS_SCHEMA_VERSION,
         "created_by": CREATED_BY,
@@ -95,15 +105,22 @@ _FIXES = {
 _DEFAULT_FIX = "re-run preprocessing with the checkpoint and settings you train with."
 
 
-def compare_fingerprints(data_fp: Optional[dict], model_fp: Optional[dict]) -> list[str]:
+def compare_fingerprints(data_fp: Optional[dict], model_fp: Optional[dict], ignore: Iterable[str] = ()) -> list[str]:
     """Human-readable differences between the data's fingerprint and the training side's; [] = compatible.
 
     Only fields both sides know are compared (None, "" or "unknown" on either side = not compared); `settings` are
-    compared key by key for the keys both sides have. `created_by` is informational and never compared.
+    compared key by key for the keys both sides have. `created_by` is informational and never compared. `ignore`:
+    fields of COMPARED_FIELDS not to compare (ENCODER_INPUTS_IGNORE for a run on encoder_inputs data); another name
+    is a ValueError.
     """
+    skipped = set(ignore)
+    unknown = sorted(skipped - set(COMPARED_FIELDS))
+    if unknown:
+        raise ValueError(f"compare_fingerprints: ignore={unknown} names no compared field; choose from "
+                         f"{list(COMPARED_FIELDS)}")
     data_fp, model_fp = data_fp or {}, model_fp or {}
     out: list[str] = []
-    for name in ("schema_version", "model_variant", *DIGEST_FIELDS):
+    for name in (n for n in COMPARED_FIELDS if n not in skipped):
         a, b = data_fp.get(name), model_fp.get(name)
         if _known(a) and _known(b) and a != b:
             out.append(f"{name}: data has {a!r}, training has {b!r}. Fix: {_FIXES.get(name, _DEFAULT_FIX)}")

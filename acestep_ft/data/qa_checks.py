@@ -1,8 +1,10 @@
 """Pure dataset QA checks for `python -m acestep_ft.data.validate`: a sample dict in, a list of `Problem`s out.
 
 Nothing here reads files: `validate` does the I/O (streaming, one sample at a time) and feeds each loaded sample to
-`check_sample` and its facts to a `Tally`, which produces the dataset-level problems (encoder width, duplicate keys,
-duplicate contents) and the statistics (lengths, histogram, padding) once the scan is done.
+`check_sample` and its facts to a `Tally`, which produces the dataset-level problems (encoder and text widths, the
+condition sets the samples carry, duplicate keys, duplicate contents) and the statistics (lengths, histogram,
+padding) once the scan is done. A sample is checked for the common keys and the condition sets it carries (or the
+one asked for), with the shapes, dtypes and sizes of `pt_format.SPEC`.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from acestep_ft.config import Conditions
+from acestep_ft.data.batch import OPTIONAL_INPUT_KEYS, carried_sets
 from acestep_ft.data.crop import FRAMES_PER_SECOND, capped_lengths, seconds_to_frames
-from acestep_ft.data.pt_format import MASK_KEYS, REQUIRED_KEYS
+from acestep_ft.data.pt_format import IDS, KIND_DTYPES, MASK_KEYS, SET_FIX, SPEC, dtype_fits, sample_keys
 from acestep_ft.data.sampler import LengthBucketSampler
 
 ERROR, WARNING = "error", "warning"
-REPROCESS = "re-run the ACE-Step / Side-Step preprocessing for this sample, or remove it from the dataset."
-# key -> expected dims; a letter is a length shared across keys, an int a fixed size
-SPEC: dict[str, tuple] = {
-    "target_latents": ("T", 64),
-    "attention_mask": ("T",),
-    "encoder_hidden_states": ("L", "H"),
-    "encoder_attention_mask": ("L",),
-    "context_latents": ("T", 128),
-}
+REPROCESS = ("re-run the preprocessing (scripts/preprocess.py, or the ACE-Step / Side-Step preprocessor) for this "
+             "sample, or remove it from the dataset.")
+LENGTHS = {"T": "an empty clip", "L": "an empty condition", "Lt": "an empty caption", "Ll": "no lyric token",
+           "R": "no timbre reference", "Tr": "an empty timbre reference"}
+"""Sizes that must not be 0, and what a 0 means. T, L, Lt and Ll are shared by several keys and must agree."""
+WIDTHS = {"encoder": ("H_enc", "encoder_hidden_states"), "text": ("D_text", "text_hidden_states")}
 
 
 @dataclass(frozen=True)
@@ -61,35 +62,68 @@ def _bad_values(t: Tensor) -> int:
     return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
 
 
-def check_sample(obj: Any, where: str, sample: Optional[str], min_seconds: float = 1.0) -> list[Problem]:
-    """Every problem of one loaded sample (a .pt dict or a v3 sample's tensors); never raises on bad content."""
+def checked_sets(obj: Mapping, conditions: Optional[Conditions]) -> tuple[list[Conditions], bool]:
+    """(the condition sets to check in a sample, whether it lacks the requested one): the requested set when the
+    sample carries it (or carries none), else the sets it carries; conditions None = every set it carries (the
+    official encoder_outputs keys when it carries none)."""
+    carried = carried_sets(obj)
+    if conditions is None:
+        return carried or [Conditions.encoder_outputs], False
+    if conditions in carried or not carried:
+        return [Conditions(conditions)], False
+    return carried, True
+
+
+def check_sample(obj: Any, where: str, sample: Optional[str], min_seconds: float = 1.0,
+                 conditions: Optional[Conditions] = None, vocab: Optional[int] = None) -> list[Problem]:
+    """Every problem of one loaded sample (a .pt dict or a v3 sample's tensors); never raises on bad content.
+
+    `conditions`: the condition set to check (a sample without it is an error), None = the sets it carries.
+    `vocab`: token ids must be below it (None = only >= 0)."""
     out: list[Problem] = []
 
     def add(severity: str, check: str, message: str, key: Optional[str] = None, fix: str = REPROCESS) -> None:
         out.append(Problem(severity, check, where, message, fix, sample, key))
 
     if not isinstance(obj, Mapping):
-        add(ERROR, "not_a_sample", f"is a {type(obj).__name__}, expected a dict with keys {list(REQUIRED_KEYS)}",
+        add(ERROR, "not_a_sample", f"is a {type(obj).__name__}, expected a dict with keys "
+            f"{sample_keys([Conditions.encoder_outputs])}",
             fix="keep only per-sample .pt files of the preprocessor in the dataset directory.")
         return out
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    sets, lacking = checked_sets(obj, conditions)
+    if lacking:
+        add(ERROR, "missing_set", f"carries no {conditions} condition set (it carries {' + '.join(sets)})",
+            fix=SET_FIX[Conditions(conditions)])
+    keys = sample_keys(sets, [k for k in OPTIONAL_INPUT_KEYS if k in obj])
+    missing = [k for k in keys if k not in obj]
     if missing:
         add(ERROR, "missing_key", f"missing; the sample has keys {sorted(map(str, obj))}", key=", ".join(missing))
     tensors: dict[str, Tensor] = {}
-    for k in REQUIRED_KEYS:
+    for k in keys:
         if k in obj and not isinstance(obj[k], Tensor):
             add(ERROR, "not_tensor", f"is a {type(obj[k]).__name__}, expected a torch.Tensor", key=k)
         elif k in obj:
             tensors[k] = obj[k]
     for k, t in tensors.items():
-        if k not in MASK_KEYS and not t.is_floating_point():
-            add(ERROR, "dtype", f"dtype {t.dtype}, expected a floating dtype (float32, bfloat16 or float16)", key=k)
+        if not dtype_fits(SPEC[k][1], t.dtype):
+            add(ERROR, "dtype", f"dtype {t.dtype}, expected {KIND_DTYPES[SPEC[k][1]]}", key=k)
+    good, sizes = _check_shapes(tensors, add)
+    _check_values(tensors, good, vocab, add)
+    t_len = sizes["T"].get("target_latents")
+    if t_len and t_len / FRAMES_PER_SECOND < min_seconds:
+        add(WARNING, "too_short", f"{t_len / FRAMES_PER_SECOND:.2f} s ({t_len} frames), shorter than "
+            f"--min-seconds {min_seconds:g}", key="target_latents",
+            fix="remove very short clips, or lower --min-seconds if they are intended.")
+    return out
 
-    # shapes, then one T and one L across keys
-    sizes: dict[str, dict[str, int]] = {"T": {}, "L": {}}
+
+def _check_shapes(tensors: dict[str, Tensor], add) -> tuple[dict[str, Tensor], dict[str, dict[str, int]]]:
+    """Tensors of the documented rank and fixed sizes, and per shared size (T, L, ...) the size each key has;
+    reports wrong shapes, sizes that disagree across keys, and empty ones."""
+    sizes: dict[str, dict[str, int]] = {letter: {} for letter in LENGTHS}
     good: dict[str, Tensor] = {}
     for k, t in tensors.items():
-        dims = SPEC[k]
+        dims = SPEC[k][0]
         fixed_ok = t.ndim == len(dims) and all(isinstance(d, str) or t.shape[j] == d for j, d in enumerate(dims))
         if not fixed_ok:
             text = "[" + ", ".join(map(str, dims)) + "]"
@@ -99,24 +133,32 @@ def check_sample(obj: Any, where: str, sample: Optional[str], min_seconds: float
         for j, d in enumerate(dims):
             if d in sizes:
                 sizes[d][k] = int(t.shape[j])
-    for letter, first in (("T", "target_latents"), ("L", "encoder_hidden_states")):
-        seen = sizes[letter]
-        ref_key = first if first in seen else next(iter(seen), None)
+    for letter, seen in sizes.items():
+        ref_key = next(iter(seen), None)  # keys come in checking order: the first defines the size
         for k, n in seen.items():
             if k != ref_key and n != seen[ref_key]:
                 add(ERROR, "length_mismatch", f"{letter} = {n}, but {ref_key} has {letter} = {seen[ref_key]}",
                     key=k)
         if ref_key is not None and seen[ref_key] == 0:
-            add(ERROR, "empty", f"{letter} = 0 (an empty {'clip' if letter == 'T' else 'condition'})", key=ref_key,
+            add(ERROR, "empty", f"{letter} = 0 ({LENGTHS[letter]})", key=ref_key,
                 fix="remove this sample (training refuses it), or re-run preprocessing for it.")
+    return good, sizes
 
-    # values
+
+def _check_values(tensors: dict[str, Tensor], good: dict[str, Tensor], vocab: Optional[int], add) -> None:
+    """NaN/Inf, token ids out of range, mask values, and the warnings about masks and the chunk mask."""
     for k, t in tensors.items():
         bad = _bad_values(t)
         if bad:
             add(ERROR, "non_finite", f"{bad} NaN/Inf of {t.numel()} values", key=k,
                 fix="re-run preprocessing for this sample (NaN/Inf usually means an fp16 overflow in the VAE or "
                 "encoder; preprocess in bf16 or fp32), or remove it from the dataset.")
+        if SPEC[k][1] == IDS and dtype_fits(IDS, t.dtype) and t.numel():
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or (vocab is not None and high >= vocab):
+                bound = f"[0, {vocab}) (--vocab-size)" if vocab is not None else ">= 0"
+                add(ERROR, "token_id", f"ids from {low} to {high}, expected ids in {bound}", key=k,
+                    fix="tokenize with the model's text encoder and tokenizer (re-run scripts/preprocess.py with it).")
     for k in MASK_KEYS:
         t = good.get(k)
         if t is None or t.numel() == 0:
@@ -146,28 +188,34 @@ def check_sample(obj: Any, where: str, sample: Optional[str], min_seconds: float
                 key="context_latents",
                 fix="text2music data has an all-ones chunk mask; check that this sample was preprocessed for the "
                 "task you train.")
-    t_len = sizes["T"].get("target_latents")
-    if t_len and t_len / FRAMES_PER_SECOND < min_seconds:
-        add(WARNING, "too_short", f"{t_len / FRAMES_PER_SECOND:.2f} s ({t_len} frames), shorter than "
-            f"--min-seconds {min_seconds:g}", key="target_latents",
-            fix="remove very short clips, or lower --min-seconds if they are intended.")
-    return out
 
 
-def sample_facts(obj: Any) -> tuple[Optional[int], Optional[int], Optional[str]]:
-    """(T, H_enc, a digest of the tensors' dtypes, shapes and bytes); None where not readable."""
+@dataclass(frozen=True)
+class Facts:
+    """What the dataset-level checks need of one sample (ints and short strings, never tensors)."""
+
+    frames: Optional[int]          # T
+    widths: dict[str, int]         # "encoder": H_enc, "text": D_text (where readable)
+    sets: tuple[str, ...]          # condition sets carried
+    token_ids: bool                # carries text_token_ids
+    digest: Optional[str]          # of the tensors' dtypes, shapes and bytes
+
+
+def sample_facts(obj: Any) -> Facts:
+    """The `Facts` of one loaded sample; None / empty where not readable."""
     if not isinstance(obj, Mapping):
-        return None, None, None
-    target, hidden = obj.get("target_latents"), obj.get("encoder_hidden_states")
+        return Facts(None, {}, (), False, None)
+    target = obj.get("target_latents")
     t_len = int(target.shape[0]) if isinstance(target, Tensor) and target.ndim == 2 else None
-    width = int(hidden.shape[-1]) if isinstance(hidden, Tensor) and hidden.ndim == 2 else None
+    widths = {kind: int(t.shape[-1]) for kind, (_, key) in WIDTHS.items()
+              for t in [obj.get(key)] if isinstance(t, Tensor) and t.ndim == 2}
     h = hashlib.blake2b(digest_size=16)
-    for k in REQUIRED_KEYS:
+    for k in SPEC:
         t = obj.get(k)
         if isinstance(t, Tensor):
             h.update(f"{k}/{t.dtype}/{tuple(t.shape)}".encode())
             h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return t_len, width, h.hexdigest() if t_len else None
+    return Facts(t_len, widths, tuple(carried_sets(obj)), "text_token_ids" in obj, h.hexdigest() if t_len else None)
 
 
 class Tally:
@@ -175,36 +223,69 @@ class Tally:
 
     def __init__(self) -> None:
         self.frames: list[int] = []
-        self.widths: list[tuple[str, Optional[str], int]] = []
+        self.widths: dict[str, list[tuple[str, Optional[str], int]]] = {kind: [] for kind in WIDTHS}
+        self.sets: list[tuple[str, str, tuple[str, ...], bool]] = []  # (where, sample, sets, has text_token_ids)
         self.keys: list[tuple[str, str]] = []  # (sample key, where)
         self.digests: dict[str, tuple[str, str]] = {}
         self.content_dups: list[Problem] = []
 
     def add(self, where: str, sample: str, obj: Any) -> None:
-        t_len, width, digest = sample_facts(obj)
-        if t_len is not None:
-            self.frames.append(t_len)
-        if width is not None:
-            self.widths.append((where, sample, width))
-        if digest is not None:
-            first = self.digests.setdefault(digest, (sample, where))
+        facts = sample_facts(obj)
+        if facts.frames is not None:
+            self.frames.append(facts.frames)
+        for kind, width in facts.widths.items():
+            self.widths[kind].append((where, sample, width))
+        self.sets.append((where, sample, facts.sets, facts.token_ids))
+        if facts.digest is not None:
+            first = self.digests.setdefault(facts.digest, (sample, where))
             if first[1] != where:
                 self.content_dups.append(Problem(
                     WARNING, "duplicate_content", where, f"same tensors as sample '{first[0]}' ({first[1]})",
                     "remove one copy (a duplicate is trained twice as often).", sample))
 
-    def width_problems(self, expected: Optional[int]) -> tuple[Optional[int], list[Problem]]:
-        """(width the samples are judged by: `expected`, else the most common one; problems of other widths)."""
-        counts = Counter(w for _, _, w in self.widths)
+    def width_problems(self, expected: Optional[int], kind: str = "encoder") -> tuple[Optional[int], list[Problem]]:
+        """(width the samples are judged by: `expected`, else the most common one; problems of other widths) for
+        kind "encoder" (H_enc) or "text" (D_text)."""
+        counts = Counter(w for _, _, w in self.widths[kind])
         if expected is None:
             if not counts:
                 return None, []
             expected = counts.most_common(1)[0][0]
-        out = [Problem(ERROR, "encoder_width", where, f"H_enc = {w}, expected {expected}",
-                       f"re-run preprocessing for this sample with the checkpoint of the variant you train "
-                       f"(encoder_hidden_size {expected}), or remove it.", sample, "encoder_hidden_states")
-               for where, sample, w in self.widths if w != expected]
+        name, key = WIDTHS[kind]
+        what = ("the checkpoint of the variant you train (encoder_hidden_size" if kind == "encoder"
+                else "the text encoder of the model you train (text_hidden_dim")
+        out = [Problem(ERROR, f"{kind}_width", where, f"{name} = {w}, expected {expected}",
+                       f"re-run preprocessing for this sample with {what} {expected}), or remove it.", sample, key)
+               for where, sample, w in self.widths[kind] if w != expected]
         return expected, out
+
+    def condition_sets(self, where: str) -> tuple[dict, list[Problem]]:
+        """({"all": sets every read sample carries, "some": sets only some carry}, problems): no common set is an
+        error, a set carried by some samples only a warning, text_token_ids in some encoder_inputs samples only an
+        error (a batch mixing both cannot be collated)."""
+        read = [s for s in self.sets if s[2]]
+        counts = Counter(c for _, _, sets, _ in read for c in sets)
+        every = sorted(c for c, n in counts.items() if n == len(read))
+        some = sorted(c for c in counts if c not in every)
+        out = []
+        if read and not every:
+            out.append(Problem(ERROR, "conditions", where, "no condition set is carried by every sample: "
+                               + ", ".join(f"{counts[c]} of {len(read)} carry {c}" for c in sorted(counts)),
+                               "re-run scripts/preprocess.py so that every sample stores the same sets "
+                               "(preprocess.store), or split the dataset."))
+        for c in some if every else []:
+            out.append(Problem(WARNING, "conditions", where, f"{c} is carried by {counts[c]} of {len(read)} samples "
+                               f"only; dataset.conditions={c} fails on the others",
+                               f"train with dataset.conditions={every[0]}, or re-run preprocessing for the rest."))
+        inputs = [s for s in read if Conditions.encoder_inputs in s[2]]
+        with_ids = [s for s in inputs if s[3]]
+        if 0 < len(with_ids) < len(inputs):
+            without = next(s for s in inputs if not s[3])
+            out.append(Problem(ERROR, "text_token_ids", without[0], f"text_token_ids in {len(with_ids)} of "
+                               f"{len(inputs)} encoder_inputs samples only (none in this one): a batch mixing both "
+                               "cannot be collated", "re-run scripts/preprocess.py for the samples without it, or "
+                               "remove text_token_ids from all.", without[1], "text_token_ids"))
+        return {"all": every, "some": some}, out
 
     def key_problems(self, origin: str) -> list[Problem]:
         """Sample keys that occur more than once (the same entry listed twice, or two files with one name)."""

@@ -4,26 +4,36 @@ A v3 dataset is a directory (written by `v3_writer.write_v3`, e.g. via `scripts/
     shard-00000.tar, shard-00001.tar, ...   plain POSIX tars, webdataset convention, members stored uncompressed
     fingerprint.json                        which model / encoders / settings produced the data (see `fingerprint`)
     index.jsonl                             written LAST: a directory without it is not (yet) a v3 dataset
-Per sample, two consecutive tar members named `<key>.safetensors` (the five tensors of the official .pt file, in
-their original dtype: bf16 stays bf16) and `<key>.json` (`{"name": original name, "metadata": the .pt metadata dict}`).
+Per sample, two consecutive tar members named `<key>.safetensors` (the tensors of the sample, named as in the .pt
+format, see `pt_format`: the common ones plus the condition sets the dataset carries, in their original dtype: bf16
+stays bf16, token ids int64 or int32) and `<key>.json` (`{"name": original name, "metadata": the .pt metadata
+dict}`). Every sample of one dataset carries the same condition sets.
 `<key>` is the original name made webdataset-safe (no dots or slashes: percent-escaped, long names shortened with a
 hash); the original name is the sample's `key` everywhere in acestep_ft. So standard tools work:
     webdataset.WebDataset(shard_paths)  ->  {"__key__", "safetensors": bytes, "json": bytes}
     safetensors.torch.load(sample["safetensors"])  ->  the tensors
 index.jsonl line 1 is the header:
-    {"format": "acestep-ft-v3", "schema_version": 1, "num_samples": N, "encoder_width": H_enc,
+    {"format": "acestep-ft-v3", "schema_version": 2, "num_samples": N,
+     "conditions": ["encoder_outputs", "encoder_inputs"] (the sets every sample carries),
+     "encoder_width": H_enc (null without encoder_outputs), "text_width": D_text (null without encoder_inputs),
+     "token_id_max": largest lyric / caption token id (null without encoder_inputs),
      "checksum": "xxh3_64" | "crc32", "tensor_bytes": total, "shards": [{"name", "bytes", "samples"}, ...]}
 then one line per sample, in dataset order:
     {"key", "name", "shard": file name, "offset", "length": the safetensors member's data in the shard file,
-     "checksum": hex of the member bytes, "T", "L", "duration_s": T / 25, "caption_sha1", "lyrics_sha1" (or null),
-     "json": [offset, length] of the json member,
+     "checksum": hex of the member bytes, "T", "L" (of encoder_hidden_states; null without encoder_outputs),
+     "duration_s": T / 25, "caption_sha1", "lyrics_sha1" (or null), "json": [offset, length] of the json member,
      "tensors": {field: [dtype, shape, offset, nbytes]}}     offsets are absolute byte positions in the shard file
-so a reader maps a tensor straight from the file without parsing the tar or the safetensors header.
+so a reader maps a tensor straight from the file without parsing the tar or the safetensors header. Schema 1 (before
+encoder_inputs) is read unchanged: its header has no "conditions" (= ["encoder_outputs"]), "text_width" or
+"token_id_max".
 
-    src = V3Directory(path, encoder_width=2048)      # opens: header, shard sizes, widths checked; no data read
-    src.lengths, src.cond_lengths                    # T and L per sample, from the index
+    src = V3Directory(path, 2048)                    # opens: header, shard sizes, widths checked; no data read
+    src = V3Directory(path, ConditionWidths(2048, 1024, 151669), conditions="encoder_inputs")
+    src.lengths, src.cond_lengths                    # T and condition length per sample, from the index
     sample = src[i]                                  # tensors are views into an mmap of the shard (stored dtype)
-Sample tensors keep the stored dtype (collate converts to float32 while copying) and must not be modified in place:
+A source hands out one condition set (`conditions`); the other set's tensors are neither mapped nor checked.
+Sample tensors keep the stored dtype (collate converts to float32 while copying; int32 ids become int64 copies) and
+must not be modified in place:
 the private (copy-on-write) mapping keeps the file intact, but a changed view then fails its checksum on re-read.
 Shards must stay unchanged while open: each read checks the shard's current size (a DataError, not a SIGBUS, when it
 was truncated), but views already handed out still point into the mapping.
@@ -43,10 +53,13 @@ from typing import Literal, Optional
 
 import torch
 
-from acestep_ft.data.batch import Sample
+from acestep_ft.config import Conditions
+from acestep_ft.data.batch import (OPTIONAL_INPUT_KEYS, ConditionWidths, Sample, encoder_width_of, inputs_widths,
+                                   sample_from)
 from acestep_ft.data.errors import DataError, data_error
 from acestep_ft.data.fingerprint import FINGERPRINT_NAME, read_fingerprint
-from acestep_ft.data.pt_format import REQUIRED_KEYS
+from acestep_ft.data.pt_format import (IDS, KIND_DTYPES, SPEC, check_shapes, check_values, condition_length,
+                                       dtype_fits, missing_set_error, sample_keys, width_error)
 
 try:
     import xxhash
@@ -54,7 +67,8 @@ except ImportError:  # pragma: no cover - xxhash is installed with acestep_ft; c
     xxhash = None
 
 FORMAT = "acestep-ft-v3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: encoder_outputs only, no "conditions" in the header
 INDEX_NAME = "index.jsonl"
 SHARD_PATTERN = "shard-{:05d}.tar"
 FRAMES_PER_SECOND = 25
@@ -104,17 +118,14 @@ def _count(x: object) -> int:
     return x
 
 
-def _check_shapes(shapes: dict, encoder_width: int) -> tuple[int, int]:
-    """(T, L) of a sample whose tensor shapes are exactly the official ones, else ValueError naming the field."""
-    target, hidden = shapes["target_latents"], shapes["encoder_hidden_states"]
-    t_len = target[0] if len(target) == 2 else -1
-    c_len = hidden[0] if len(hidden) == 2 else -1
-    expected = {"target_latents": (t_len, 64), "attention_mask": (t_len,), "context_latents": (t_len, 128),
-                "encoder_hidden_states": (c_len, encoder_width), "encoder_attention_mask": (c_len,)}
-    for field, want in expected.items():
-        if shapes[field] != want or min(want) < 1:
-            raise ValueError(f"tensor {field} has shape {list(shapes[field])}, expected {list(want)} with T, L >= 1")
-    return t_len, c_len
+def _entry_sizes(shapes: dict, keys: list[str], encoder_width: Optional[int], text_width: Optional[int]) -> dict:
+    """The named sizes (T, L, Lt, ...) of a sample whose tensor shapes are the documented ones and whose widths are
+    the expected ones (None = not checked), else ValueError naming the field."""
+    sizes = check_shapes(shapes, keys)
+    for name, want in (("H_enc", encoder_width), ("D_text", text_width)):
+        if want is not None and name in sizes and sizes[name] != want:
+            raise ValueError(f"{name} = {sizes[name]} differs from the header's {want}")
+    return sizes
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -127,15 +138,23 @@ def _dtype(name: str) -> torch.dtype:
 class V3Directory:
     """Map-style `SampleSource` over a v3 directory (see module docstring); picklable and safe across fork."""
 
-    def __init__(self, path: str | Path, encoder_width: int, verify_checksums: str | bool = "always",
-                 use_mmap: bool = True) -> None:
-        """verify_checksums: "always" (every read), "first_read" (once per sample and process), "never"; True /
-        False = always / never."""
+    def __init__(self, path: str | Path, widths: int | ConditionWidths, verify_checksums: str | bool = "always",
+                 use_mmap: bool = True, conditions: Conditions = Conditions.encoder_outputs) -> None:
+        """widths: the model's H_enc (an int; encoder_outputs only) or ConditionWidths (needed for encoder_inputs).
+        verify_checksums: "always" (every read), "first_read" (once per sample and process), "never"; True /
+        False = always / never. conditions: the set the samples carry (DataError when the dataset has not got it)."""
         self.root = Path(path).expanduser()
         verify = {True: "always", False: "never"}.get(verify_checksums, str(verify_checksums))
         if verify not in ("always", "first_read", "never"):
             raise ValueError(f"verify_checksums={verify_checksums!r}: expected always, first_read or never")
-        self.encoder_width, self.verify_checksums, self.use_mmap = encoder_width, verify != "never", use_mmap
+        self.verify_checksums, self.use_mmap = verify != "never", use_mmap
+        self.sets = [Conditions(conditions)]
+        self.encoder_width: Optional[int] = encoder_width_of(widths)
+        self.text_width: Optional[int] = None
+        self.vocab: Optional[int] = None
+        if self.sets == [Conditions.encoder_inputs]:
+            model = inputs_widths(widths, f"V3Directory({str(self.root)!r})")
+            self.encoder_width, self.text_width, self.vocab = None, model.text, model.vocab
         self.verify_once = verify == "first_read"
         self._verified: set[int] = set()  # first_read: indices this process has checked (a fork inherits them)
         index = self.root / INDEX_NAME
@@ -143,6 +162,7 @@ class V3Directory:
             raise _not_v3(self.root)
         lines = index.read_bytes().splitlines()
         header = self._header(index, lines)
+        self._check_model(index, header)
         self.checksum_name = header["checksum"]
         if verify_checksums and self.checksum_name not in CHECKSUMS:
             raise data_error(index, "checksum algorithm not available", found=repr(self.checksum_name),
@@ -165,34 +185,74 @@ class V3Directory:
         self._reset()
 
     def _header(self, index: Path, lines: list[bytes]) -> dict:
+        """Line 1, checked for form (format, schema, counts, shard names, condition sets); schema 1 headers get
+        "conditions": ["encoder_outputs"]. Sets `self.carried`, the condition sets the dataset carries."""
         try:
             header = json.loads(lines[0]) if lines else None
             ok = header["format"] == FORMAT and isinstance(header["shards"], list)
-            version, n, width = header["schema_version"], header["num_samples"], header["encoder_width"]
+            version, n = header["schema_version"], header["num_samples"]
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
             raise data_error(index, "line 1 is not a v3 header", found=repr(lines[0][:120]) if lines else "empty file",
                              expected=f'{{"format": "{FORMAT}", "schema_version", "num_samples", "shards", ...}}',
                              fix=_RECONVERT)
-        if version != SCHEMA_VERSION:
-            raise data_error(index, "unsupported schema_version", found=str(version), expected=str(SCHEMA_VERSION),
+        if version not in READABLE_SCHEMAS:
+            raise data_error(index, "unsupported schema_version", found=str(version),
+                             expected=" or ".join(map(str, READABLE_SCHEMAS)),
                              fix="update acestep_ft, or " + _RECONVERT)
+        if version == 1:
+            header = {**header, "conditions": [Conditions.encoder_outputs.value], "text_width": None,
+                      "token_id_max": None}
+        self.carried = self._carried(index, header)
         if n != len(lines) - 1:
             raise data_error(index, "sample count does not match the header", found=f"{len(lines) - 1} sample lines",
                              expected=f"num_samples = {n}", fix=_RECONVERT)
         for entry in header["shards"]:
             if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                    and SHARD_NAME.fullmatch(entry["name"]) and type(entry.get("bytes")) is int and entry["bytes"] >= 0):
+                    and SHARD_NAME.fullmatch(entry["name"]) and type(entry.get("bytes")) is int
+                    and entry["bytes"] >= 0):
                 raise data_error(index, "invalid shard entry in the header", found=repr(entry)[:120],
                                  expected='{"name": "shard-NNNNN.tar", "bytes": N}: shards live in the dataset '
                                  "directory itself", fix=_RECONVERT)
-        if width != self.encoder_width:
-            raise data_error(index, "condition-encoder width does not match the model", key="encoder_hidden_states",
-                             found=f"H_enc = {width}", expected=f"H_enc = {self.encoder_width}",
-                             fix=f"train a model variant whose encoder_hidden_size is {width}, or re-run "
-                             "preprocessing with the checkpoint of the variant you train.")
         return header
+
+    @staticmethod
+    def _carried(index: Path, header: dict) -> list[Conditions]:
+        """The header's condition sets, each with its width (encoder_width / text_width), and token_id_max."""
+        try:
+            carried = [Conditions(c) for c in header["conditions"]]
+            ok = bool(carried) and all((c in carried) == (type(header[k]) is int) for c, k in (
+                (Conditions.encoder_outputs, "encoder_width"), (Conditions.encoder_inputs, "text_width")))
+            ok = ok and (header["token_id_max"] is None or type(header["token_id_max"]) is int)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise data_error(index, "line 1 has no valid condition sets",
+                             found=repr({k: header.get(k) for k in ("conditions", "encoder_width", "text_width")}),
+                             expected='"conditions": a non-empty list of encoder_outputs / encoder_inputs, an int '
+                             '"encoder_width" exactly with encoder_outputs and "text_width" exactly with '
+                             'encoder_inputs, "token_id_max": an int or null', fix=_RECONVERT)
+        return carried
+
+    def _check_model(self, index: Path, header: dict) -> None:
+        """The sets this source hands out are carried, with the model's widths and token ids in its vocabulary."""
+        for wanted in self.sets:
+            if wanted not in self.carried:
+                raise missing_set_error(self.root, wanted, self.carried)
+        if Conditions.encoder_outputs in self.sets and self.encoder_width is not None:
+            if header["encoder_width"] != self.encoder_width:
+                raise width_error(index, "H_enc", header["encoder_width"], self.encoder_width)
+        if Conditions.encoder_inputs in self.sets and self.text_width is not None:
+            if header["text_width"] != self.text_width:
+                raise width_error(index, "D_text", header["text_width"], self.text_width)
+        top = header["token_id_max"]
+        if Conditions.encoder_inputs in self.sets and self.vocab is not None and type(top) is int and top >= self.vocab:
+            raise data_error(index, "token ids beyond the model's vocabulary", key="lyric_token_ids",
+                             found=f"ids up to {top} (token_id_max)", expected=f"ids < {self.vocab} "
+                             "(model.text_vocab_size)", fix="train with the text encoder and tokenizer the data was "
+                             "preprocessed with (model.text_vocab_size, model.text_encoder_path), or re-run "
+                             "scripts/preprocess.py with this model's.")
 
     def _read_entries(self, index: Path, lines: list[bytes], sizes: list[int]) -> None:
         shard_ids = {name: k for k, name in enumerate(self.shards)}
@@ -205,10 +265,14 @@ class V3Directory:
                 json_off, json_len = (_count(x) for x in e["json"])
                 if off + length > sizes[shard] or json_off + json_len > sizes[shard]:
                     raise ValueError("a member lies beyond the end of its shard")
+                keys = sample_keys(self.sets, [k for k in OPTIONAL_INPUT_KEYS if k in e["tensors"]])
                 fields, shapes = [], {}
-                for field in REQUIRED_KEYS:
+                for field in keys:  # only the sets handed out: the others are never mapped
                     dtype_name, shape, t_off, nbytes = e["tensors"][field]
                     dtype = dtypes.get(dtype_name) or dtypes.setdefault(dtype_name, _dtype(dtype_name))
+                    if not dtype_fits(SPEC[field][1], dtype):
+                        raise ValueError(f"tensor {field} has dtype {dtype_name}, expected "
+                                         f"{KIND_DTYPES[SPEC[field][1]]}")
                     shape, t_off, nbytes = tuple(_count(d) for d in shape), _count(t_off), _count(nbytes)
                     numel = math.prod(shape)
                     if nbytes != numel * dtype.itemsize or not off <= t_off <= t_off + nbytes <= off + length:
@@ -216,13 +280,14 @@ class V3Directory:
                     fields.append((field, dtype, shape, t_off, numel))
                     shapes[field] = shape
                     self.nbytes += nbytes
-                t_len, c_len = _check_shapes(shapes, self.encoder_width)
-                if (e["T"], e["L"]) != (t_len, c_len):
-                    raise ValueError(f"T/L {e['T']}/{e['L']} disagree with the tensor shapes ({t_len}/{c_len})")
+                named = _entry_sizes(shapes, keys, self.encoder_width, self.text_width)
+                if e["T"] != named["T"] or ("L" in named and e["L"] != named["L"]):
+                    raise ValueError(f"T/L {e['T']}/{e['L']} disagree with the tensor shapes "
+                                     f"({named['T']}/{named.get('L')})")
                 self._recs.append((shard, off, length, int(e["checksum"], 16), tuple(fields), (json_off, json_len)))
                 self._names.append(str(e["name"]))
-                self.lengths.append(t_len)
-                self.cond_lengths.append(c_len)
+                self.lengths.append(named["T"])
+                self.cond_lengths.append(condition_length(named, self.sets[0]))
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise data_error(index, f"line {lineno} is not a valid sample entry", found=f"{exc!r}",
                                  fix=_RECONVERT) from exc
@@ -292,7 +357,11 @@ class V3Directory:
                 self._verified.add(i)
         tensors = {f: torch.frombuffer(buf, dtype=dt, count=numel, offset=o - base).view(shape)
                    for f, dt, shape, o, numel in fields}
-        return Sample(key=self._names[i], **tensors)
+        ids = {f: t.long() for f, t in tensors.items() if SPEC[f][1] == IDS}  # int32 ids: an int64 copy
+        if ids:
+            check_values(ids, f"{self.location(i)}: sample '{self._names[i]}'", self.vocab)
+            tensors.update(ids)
+        return sample_from(self._names[i], tensors)
 
     def metadata(self, i: int) -> dict:
         """The sample's metadata dict (caption, lyrics, ...), from its json member."""
@@ -337,4 +406,4 @@ class V3Directory:
 
     def __repr__(self) -> str:
         return (f"V3Directory({str(self.root)!r}, {len(self)} samples in {len(self.shards)} shards, "
-                f"{self.nbytes / 2**30:.2f} GiB)")
+                f"{self.nbytes / 2**30:.2f} GiB of {' + '.join(self.sets)})")

@@ -2,10 +2,16 @@
 
     summary = write_v3(((name, tensors, metadata) for ...), out_dir, fingerprint=make_fingerprint(...))
 
-Every sample is validated with the rules of `pt_format.validate_sample` (keys, shapes, one T, finite values) and
-stored in its original dtype. Crash safety: each shard is written as `shard-NNNNN.tar.tmp`, fsynced and renamed when
-full; `fingerprint.json` and then `index.jsonl` are written last (temp + rename), so an interrupted write leaves a
-directory that readers refuse ("no index.jsonl"); on an exception the shards of this write are deleted.
+A sample's tensors are named as in the .pt format (`pt_format`): the common ones plus one or both condition sets
+(encoder_outputs: encoder_hidden_states + mask; encoder_inputs: text_hidden_states, text_attention_mask,
+lyric_token_ids, lyric_attention_mask, refer_audio_latents, optionally text_token_ids). Every sample of one dataset
+must carry the same sets (and text_token_ids in all or none), with one H_enc and one D_text. Every sample is validated
+with the rules of `pt_format` (keys, dtypes, shapes, one T / L / Lt / Ll, finite values, ids >= 0; the vocabulary is
+checked when the data is read, against the model's, with the header's "token_id_max") and stored in its original
+dtype (token ids as int64, or int32 when given as int32). Crash safety: each shard is written as
+`shard-NNNNN.tar.tmp`, fsynced and renamed when full; `fingerprint.json` and then `index.jsonl` are written last
+(temp + rename), so an interrupted write leaves a directory that readers refuse ("no index.jsonl"); on an exception
+the shards of this write are deleted.
 An existing v3 dataset is replaced only with `overwrite=True` (its index is deleted first). A directory that holds
 anything but v3 files is never written into (protects a .pt source directory given as the destination).
 """
@@ -24,13 +30,16 @@ from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import quote
 
 import safetensors.torch
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from acestep_ft.data.errors import data_error
 from acestep_ft.atomic import atomic_write_bytes, fsync_path
+from acestep_ft.config import Conditions
+from acestep_ft.data.batch import ID_KEYS, OPTIONAL_INPUT_KEYS, carried_sets
+from acestep_ft.data.errors import data_error
 from acestep_ft.data.fingerprint import FINGERPRINT_NAME, write_fingerprint
-from acestep_ft.data.pt_format import REQUIRED_KEYS, validate_sample
+from acestep_ft.data.pt_format import check_structure, check_values
 from acestep_ft.data.v3_reader import (CHECKSUMS, DEFAULT_CHECKSUM, FORMAT, FRAMES_PER_SECOND, INDEX_NAME,
                                        SCHEMA_VERSION, SHARD_PATTERN)
 
@@ -143,39 +152,83 @@ def _prepare(out: Path, overwrite: bool) -> None:
     fsync_path(out)
 
 
-def _encode(name: str, tensors: Any, metadata: Any, width: Optional[int], out: Path) -> tuple[dict, bytes, dict, int]:
-    """Validate one sample; returns (stored tensors, safetensors bytes, json-safe metadata, encoder width)."""
+@dataclass
+class _Layout:
+    """What the first sample fixed for the whole dataset: its condition sets and optional keys, and its widths."""
+
+    sets: list[Conditions]
+    optional: list[str]
+    encoder_width: Optional[int]
+    text_width: Optional[int]
+
+
+def _stored(t: Tensor, key: str) -> Tensor:
+    """The tensor as written: on the CPU, contiguous, own storage (safetensors refuses shared storage), token ids
+    int64 unless they are int32."""
+    t = t.detach().cpu().contiguous()
+    if key in ID_KEYS and t.dtype not in (torch.int64, torch.int32):
+        t = t.long()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def _layout_of(tensors: Any) -> _Layout:
+    """The sets, optional keys and widths a sample carries (a sample with no set at all counts as encoder_outputs,
+    so its missing keys are reported as the official file's)."""
+    found = tensors if isinstance(tensors, Mapping) else {}
+    widths = {k: int(t.shape[1]) for k in ("encoder_hidden_states", "text_hidden_states")
+              for t in [found.get(k)] if isinstance(t, Tensor) and t.ndim == 2}
+    return _Layout(carried_sets(found) or [Conditions.encoder_outputs], [k for k in OPTIONAL_INPUT_KEYS if k in found],
+                   widths.get("encoder_hidden_states"), widths.get("text_hidden_states"))
+
+
+def _check_layout(own: _Layout, first: _Layout, where: str) -> None:
+    """A sample's sets, optional keys and widths must be the first sample's."""
+    if (own.sets, own.optional) != (first.sets, first.optional):
+        raise data_error(where, "carries other condition sets than the first sample",
+                         found=" + ".join(own.sets) + f" {own.optional or ''}".rstrip(),
+                         expected=" + ".join(first.sets) + f" {first.optional or ''}".rstrip(),
+                         fix="preprocess every sample of one dataset with the same preprocess.store (and tokenizer "
+                         "settings), or leave this sample out.")
+    for key, name, a, b in (("encoder_hidden_states", "H_enc", own.encoder_width, first.encoder_width),
+                            ("text_hidden_states", "D_text", own.text_width, first.text_width)):
+        if a is not None and b is not None and a != b:
+            what = "condition-encoder" if name == "H_enc" else "text-encoder"
+            raise data_error(where, f"{what} width differs from the first sample's", key=key,
+                             found=f"{name} = {a}", expected=f"{name} = {b}",
+                             fix=f"all samples of one dataset come from one {what}; re-run preprocessing for this "
+                             "sample with the same checkpoint, or leave it out.")
+
+
+def _encode(name: str, tensors: Any, metadata: Any, first: Optional[_Layout],
+            out: Path) -> tuple[dict, bytes, dict, _Layout]:
+    """Validate one sample; returns (stored tensors, safetensors bytes, json-safe metadata, its layout)."""
     where = f"{out}: sample '{name}'"
-    hidden = tensors.get("encoder_hidden_states") if isinstance(tensors, Mapping) else None
-    own = hidden.shape[-1] if isinstance(hidden, Tensor) and hidden.ndim == 2 else -1
-    if width is not None and own not in (-1, width):
-        raise data_error(where, "condition-encoder width differs from the first sample's", key="encoder_hidden_states",
-                         found=f"H_enc = {own}", expected=f"H_enc = {width}",
-                         fix="all samples of one dataset come from one condition encoder; re-run preprocessing for "
-                         "this sample with the same checkpoint, or leave it out.")
-    validate_sample(tensors, where, own)  # raises DataError naming the sample; its float32 copy is dropped
+    own = _layout_of(tensors)
+    if first is not None:
+        _check_layout(own, first, where)
+    checked = check_structure(tensors, where, own.sets, own.encoder_width, own.text_width)
+    check_values(checked, where)  # raises DataError naming the sample
     if metadata is not None and not isinstance(metadata, Mapping):
         raise data_error(where, "metadata is not a dict", key="metadata", found=type(metadata).__name__,
                          expected="a dict (caption, lyrics, duration, ...)", fix="pass a dict or None.")
-    stored = {}
-    for k in REQUIRED_KEYS:
-        t = tensors[k].detach().cpu().contiguous()
-        stored[k] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t  # safetensors refuses shared storage
+    stored = {k: _stored(t, k) for k, t in checked.items()}
     return stored, safetensors.torch.save(stored), json_safe(metadata or {}), own
 
 
 def write_v3(samples: Iterable[tuple[str, Mapping[str, Tensor], Optional[Mapping]]], out_dir: str | Path,
              shard_bytes: int = 256 * 2**20, *, fingerprint: dict, progress: bool = True,
              overwrite: bool = False) -> V3WriteSummary:
-    """Write `samples` (name, tensors named as in the .pt, metadata dict) as a v3 dataset in `out_dir`."""
+    """Write `samples` (name, tensors named as in the .pt, metadata dict) as a v3 dataset in `out_dir`; the
+    condition sets of the first sample are the dataset's (every other sample must carry the same)."""
     out, start = Path(out_dir).expanduser(), time.perf_counter()
     _prepare(out, overwrite)
-    shards, lines, seen, width, tensor_bytes = _ShardWriter(out, shard_bytes), [], {}, None, 0
+    shards, lines, seen, first, tensor_bytes, top_ids = _ShardWriter(out, shard_bytes), [], {}, None, 0, [-1]
     checksum = CHECKSUMS[DEFAULT_CHECKSUM]
     bar = tqdm(samples, desc=f"v3 write {out.name}", unit="sample", disable=not progress)
     try:
         for name, tensors, metadata in bar:
-            stored, blob, meta, width = _encode(name, tensors, metadata, width, out)
+            stored, blob, meta, first = _encode(name, tensors, metadata, first, out)
+            top_ids += [int(stored[k].max()) for k in ID_KEYS if k in stored]  # ids >= 0, Ll / Lt >= 1
             key = safe_key(name)
             if key in seen:
                 raise data_error(out, f"sample name '{name}' is not unique",
@@ -192,7 +245,8 @@ def write_v3(samples: Iterable[tuple[str, Mapping[str, Tensor], Optional[Mapping
                 begin, end = layout[k]["data_offsets"]
                 entry_tensors[k] = [str(t.dtype).removeprefix("torch."), list(t.shape), base + begin, end - begin]
                 tensor_bytes += end - begin
-            t_len, l_len = stored["target_latents"].shape[0], stored["encoder_hidden_states"].shape[0]
+            t_len = stored["target_latents"].shape[0]
+            l_len = stored["encoder_hidden_states"].shape[0] if "encoder_hidden_states" in stored else None
             lines.append(json.dumps({
                 "key": key, "name": name, "shard": shard, "offset": offset, "length": len(blob),
                 "checksum": f"{checksum(blob):x}", "T": t_len, "L": l_len,
@@ -206,8 +260,9 @@ def write_v3(samples: Iterable[tuple[str, Mapping[str, Tensor], Optional[Mapping
         shards.close_shard()
         fsync_path(out)
         header = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "num_samples": len(lines),
-                  "encoder_width": width, "checksum": DEFAULT_CHECKSUM, "tensor_bytes": tensor_bytes,
-                  "shards": shards.done}
+                  "conditions": [str(c) for c in first.sets], "encoder_width": first.encoder_width,
+                  "text_width": first.text_width, "token_id_max": max(top_ids) if len(top_ids) > 1 else None,
+                  "checksum": DEFAULT_CHECKSUM, "tensor_bytes": tensor_bytes, "shards": shards.done}
         write_fingerprint(out, fingerprint)
         atomic_write_bytes(out / INDEX_NAME, "\n".join([json.dumps(header)] + lines).encode() + b"\n")
         fsync_path(out)

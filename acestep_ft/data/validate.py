@@ -1,13 +1,19 @@
 """Dataset QA: check a whole preprocessed dataset (.pt or v3, auto-detected) and report every problem at once.
 
-    python -m acestep_ft.data.validate --dataset-dir DIR [--encoder-width 2048] [--batch-size 4] [--bucket-seconds 10]
+    python -m acestep_ft.data.validate --dataset-dir DIR [--conditions auto|encoder_outputs|encoder_inputs]
+        [--encoder-width 2048] [--text-width 1024] [--vocab-size 151669] [--batch-size 4] [--bucket-seconds 10]
         [--max-frames-per-batch 0] [--max-seconds S] [--min-seconds 1.0] [--model-variant X] [--json]
 
 Every sample is read once, streaming (one in memory at a time): .pt files with `load_pt`, v3 samples through
 `V3Directory` with checksums verified. A file or sample that cannot be read is an error and the scan goes on. Each
 problem names the file / shard, the sample key, the tensor key, what was found and the fix (checks: `qa_checks`).
-The report: a summary (samples, errors, warnings), the problems grouped by kind (at most --max-listed each), the
-fingerprint, length statistics, a length histogram and the padding of the configured batching vs random batches.
+Condition sets (see `batch`): --conditions auto (the default) checks every set each sample carries and reports which
+sets the dataset carries (all samples / some); --conditions X checks set X, and a sample without it is an error
+(what `dataset.conditions=X` would refuse). encoder_inputs samples: D_text is judged by --text-width (default: the v3
+header's, or the most common), token ids by --vocab-size (default: only >= 0).
+The report: a summary (samples, errors, warnings), the condition sets, the problems grouped by kind (at most
+--max-listed each), the fingerprint, length statistics, a length histogram and the padding of the configured
+batching vs random batches.
 Exit status: 1 when any error is found, 0 otherwise (warnings do not fail), 2 for usage errors (bad options, or a
 --dataset-dir that is missing or no dataset directory: the message only, on stderr).
 """
@@ -23,13 +29,13 @@ from typing import Any, Iterator, Optional
 
 from tqdm import tqdm
 
-from acestep_ft.config import DatasetConfig, HardwareConfig
+from acestep_ft.config import Conditions, DatasetConfig, HardwareConfig
 from acestep_ft.data import pt_index
 from acestep_ft.data.errors import DataError
 from acestep_ft.data.fingerprint import FINGERPRINT_NAME, compare_fingerprints, read_fingerprint
-from acestep_ft.data.pt_format import REQUIRED_KEYS, load_pt
-from acestep_ft.data.qa_checks import (ERROR, WARNING, Problem, Tally, check_sample, histogram, length_stats,
-                                       padding)
+from acestep_ft.data.pt_format import SPEC, load_pt
+from acestep_ft.data.qa_checks import (ERROR, WARNING, WIDTHS, Problem, Tally, check_sample, histogram,
+                                       length_stats, padding)
 from acestep_ft.data.v3_reader import CHECKSUMS, INDEX_NAME, V3Directory, detect_format
 from acestep_ft.errors import ConfigError, reported_errors
 
@@ -94,18 +100,17 @@ def _scan_pt(root: Path, problems: list[Problem], tally: Tally, info: dict) -> I
 # ---------------------------------------------------------------------------------------------------- v3
 class _ScanV3(V3Directory):
     """A V3Directory that opens despite truncated / missing shards, a missing fingerprint or bad index lines,
-    recording them as problems: the samples that can be read are still read (checksums verified, pread, no mmap)."""
+    recording them as problems: the samples that can be read are still read (checksums verified, pread, no mmap),
+    with every condition set the header lists, checked against the header's widths."""
 
     def __init__(self, root: Path, problems: list[Problem]) -> None:  # noqa: super().__init__ would raise
         self.root, self.verify_checksums, self.use_mmap = root, True, False
         self.verify_once, self._verified = False, set()  # validation checks every read
         index = root / INDEX_NAME
         lines = index.read_bytes().splitlines()
-        try:
-            self.encoder_width = int(json.loads(lines[0])["encoder_width"])
-        except (ValueError, KeyError, TypeError, IndexError):
-            self.encoder_width = -1  # _header reports the broken header
         header = self._header(index, lines)
+        self.sets, self.vocab = list(self.carried), None  # ids are checked by check_sample (--vocab-size)
+        self.encoder_width, self.text_width = header["encoder_width"], header["text_width"]
         self.checksum_name = header["checksum"]
         if self.checksum_name not in CHECKSUMS:
             raise DataError(f"{index}: checksum algorithm {self.checksum_name!r} not available. Fix: pip install "
@@ -143,7 +148,8 @@ class _ScanV3(V3Directory):
 def _scan_v3(root: Path, problems: list[Problem], tally: Tally, info: dict) -> Iterator[tuple[str, str, Any]]:
     info["layout"] = "v3 shards"
     src = _ScanV3(root, problems)
-    info["samples"], info["fingerprint"], info["header_width"] = len(src), src.fingerprint, src.encoder_width
+    info["samples"], info["fingerprint"] = len(src), src.fingerprint
+    info["header_widths"] = {"encoder": src.encoder_width, "text": src.text_width}
     for i, key in enumerate(src.keys):
         where = src.location(i)
         tally.keys.append((key, where))
@@ -156,12 +162,13 @@ def _scan_v3(root: Path, problems: list[Problem], tally: Tally, info: dict) -> I
                                     text.removeprefix(f"sample '{key}' "), _RECONVERT, key))
             yield where, key, None
             continue
-        yield where, key, {k: getattr(sample, k) for k in REQUIRED_KEYS}
+        yield where, key, {k: getattr(sample, k) for k in SPEC if getattr(sample, k) is not None}
     src.close()
 
 
 # ---------------------------------------------------------------------------------------------------- scan
-def _fingerprint_problems(fp: Optional[dict], root: Path, fmt: str, variant: Optional[str]) -> list[Problem]:
+def _fingerprint_problems(fp: Optional[dict], root: Path, fmt: str, variant: Optional[str],
+                          sets: list[str]) -> list[Problem]:
     where = str(root / FINGERPRINT_NAME)
     if fp is None:
         fix = ("convert with scripts/convert_pt_to_v3.py --model-variant X to record one." if fmt == "pt"
@@ -174,23 +181,51 @@ def _fingerprint_problems(fp: Optional[dict], root: Path, fmt: str, variant: Opt
     if diffs:
         message, _, fix = diffs[0].partition(" Fix: ")
         return [Problem(ERROR, "fingerprint", where, message, fix)]
-    if fp.get("model_variant") in (None, "", "unknown"):
+    if fp.get("model_variant") in (None, "", "unknown") and sets != [Conditions.encoder_inputs]:
+        # encoder_inputs data does not depend on the variant: only data with encoder outputs needs one
         return [Problem(WARNING, "fingerprint", where, f"model_variant unknown, cannot check --model-variant "
                         f"{variant}", "re-run preprocessing / conversion with --model-variant.")]
     return []
 
 
+_WIDTH_FIX = {
+    "encoder": "train a model variant whose encoder_hidden_size is {w}, or re-run preprocessing with the checkpoint "
+    "of the variant you train.",
+    "text": "train a model whose text_hidden_dim is {w}, or re-run scripts/preprocess.py with the text encoder of the "
+    "model you train.",
+}
+
+
+def _width(tally: Tally, header: Optional[int], given: Optional[int], kind: str,
+           root: Path) -> tuple[dict, list[Problem]]:
+    """({"width", "source"}, problems) for H_enc (kind "encoder") or D_text ("text"): the v3 header's width is
+    every sample's; --encoder-width / --text-width, else the header's, else the most common one judges them."""
+    option = f"--{kind}-width"
+    name, key = WIDTHS[kind]
+    if header is not None and given is not None and header != given:
+        return {"width": header, "source": "index.jsonl header"}, [Problem(
+            ERROR, f"{kind}_width", str(root / INDEX_NAME), f"{name} = {header} for all samples, expected {given} "
+            f"({option})", _WIDTH_FIX[kind].format(w=header), key=key)]
+    width, problems = tally.width_problems(given if header is None else header, kind)
+    source = (option if given is not None else "index.jsonl header" if header is not None
+              else "most common in the dataset")
+    return {"width": width, "source": source}, problems
+
+
 def validate(root: str | Path, encoder_width: Optional[int] = None, batch_size: int = HardwareConfig.batch_size,
              bucket_seconds: float = DatasetConfig.bucket_seconds, max_frames_per_batch: int = 0,
              max_seconds: Optional[float] = None, min_seconds: float = 1.0, model_variant: Optional[str] = None,
-             max_listed: int = MAX_LISTED, progress: bool = True) -> dict:
+             max_listed: int = MAX_LISTED, progress: bool = True, *, conditions: Optional[Conditions] = None,
+             text_width: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
     """Scan a dataset directory; returns the report (a JSON-safe dict). Raises DataError only when `root` is not
-    a dataset at all (usage error)."""
+    a dataset at all (usage error). `conditions` None checks every condition set a sample carries, a set checks
+    that one (samples without it are errors)."""
     root = Path(root).expanduser()
     fmt = detect_format(root)
     root = root if root.is_dir() else root.parent
     problems: list[Problem] = []
-    tally, info = Tally(), {"layout": "unknown", "samples": 0, "header_width": None}
+    tally = Tally()
+    info = {"layout": "unknown", "samples": 0, "header_widths": {"encoder": None, "text": None}}
     scan = _scan_v3 if fmt == "v3_sharded" else _scan_pt
     read = 0
     try:
@@ -201,7 +236,7 @@ def validate(root: str | Path, encoder_width: Optional[int] = None, batch_size: 
             if obj is None:
                 continue
             read += 1
-            problems.extend(check_sample(obj, where, key, min_seconds))
+            problems.extend(check_sample(obj, where, key, min_seconds, conditions, vocab_size))
             tally.add(where, key, obj)
             del obj
     except DataError as exc:  # the index / manifest itself cannot be read: nothing (more) to scan
@@ -210,29 +245,24 @@ def validate(root: str | Path, encoder_width: Optional[int] = None, batch_size: 
         problems.append(Problem(ERROR, "index", str(exc.filename or root), f"cannot be read ({exc.strerror or exc})",
                                 "make it a readable file, or restore the dataset."))
     problems += tally.content_dups
-    header_width = info["header_width"]
-    if header_width is not None and encoder_width is not None and header_width != encoder_width:
-        problems.append(Problem(ERROR, "encoder_width", str(root / INDEX_NAME), f"H_enc = {header_width} for all "
-                                f"samples, expected {encoder_width} (--encoder-width)", "train a model variant whose "
-                                f"encoder_hidden_size is {header_width}, or re-run preprocessing with the checkpoint "
-                                "of the variant you train.", key="encoder_hidden_states"))
-        width, width_source = header_width, "index.jsonl header"
-    else:
-        width, width_problems = tally.width_problems(encoder_width if header_width is None else header_width)
+    widths = {}
+    for kind, given in (("encoder", encoder_width), ("text", text_width)):
+        widths[kind], width_problems = _width(tally, info["header_widths"][kind], given, kind, root)
         problems += width_problems
-        width_source = ("--encoder-width" if encoder_width is not None else
-                        "index.jsonl header" if header_width is not None else "most common in the dataset")
+    sets, set_problems = tally.condition_sets(str(root))
+    problems += set_problems if conditions is None else [p for p in set_problems if p.check != "conditions"]
     problems += tally.key_problems("manifest.json" if info["layout"] == pt_index.MANIFEST else
                                    "index.jsonl" if fmt == "v3_sharded" else "the directory")
     if "fingerprint" in info:  # not when the index could not be read
-        problems += _fingerprint_problems(info["fingerprint"], root, fmt, model_variant)
-    return _report(root, fmt, info, read, problems, tally, width, width_source, max_listed, dict(
+        problems += _fingerprint_problems(info["fingerprint"], root, fmt, model_variant, sets["all"])
+    info["conditions"] = {**sets, "checked": str(conditions) if conditions is not None else "auto"}
+    return _report(root, fmt, info, read, problems, tally, widths, max_listed, dict(
         batch_size=batch_size, bucket_seconds=bucket_seconds, max_frames_per_batch=max_frames_per_batch,
-        max_seconds=max_seconds, min_seconds=min_seconds, model_variant=model_variant))
+        max_seconds=max_seconds, min_seconds=min_seconds, model_variant=model_variant, vocab_size=vocab_size))
 
 
-def _report(root: Path, fmt: str, info: dict, read: int, problems: list[Problem], tally: Tally,
-            width: Optional[int], width_source: str, max_listed: int, settings: dict) -> dict:
+def _report(root: Path, fmt: str, info: dict, read: int, problems: list[Problem], tally: Tally, widths: dict,
+            max_listed: int, settings: dict) -> dict:
     groups: dict[tuple[str, str], list[Problem]] = {}
     for p in problems:
         groups.setdefault((p.severity, p.check), []).append(p)
@@ -241,7 +271,8 @@ def _report(root: Path, fmt: str, info: dict, read: int, problems: list[Problem]
     return {
         "dataset": str(root), "format": fmt, "layout": info["layout"], "samples": info["samples"],
         "samples_read": read, "errors": errors, "warnings": len(problems) - errors, "ok": errors == 0,
-        "encoder_width": {"width": width, "source": width_source},
+        "conditions": info["conditions"],
+        "encoder_width": widths["encoder"], "text_width": widths["text"],
         "fingerprint": info.get("fingerprint"),
         "problems": [{"severity": s, "check": c, "count": len(groups[(s, c)]),
                       "items": [p.to_dict() for p in groups[(s, c)][:max_listed]],
@@ -261,8 +292,15 @@ def render_text(report: dict) -> str:
     out = [f"Dataset {r['dataset']} ({r['format']}, {r['layout']})",
            f"Summary: {r['samples']} samples ({r['samples_read']} read), {r['errors']} errors, "
            f"{r['warnings']} warnings -> {verdict}"]
+    c = r["conditions"]
+    out.append("Condition sets: " + (", ".join(c["all"]) or "none") + " (all samples)"
+               + (f"; {', '.join(c['some'])} (some samples)" if c["some"] else "") + f"; checked: {c['checked']}")
     w = r["encoder_width"]
-    out.append(f"Encoder width: {w['width'] or 'unknown'} ({w['source']})")
+    if w["width"] is not None or Conditions.encoder_outputs in c["all"] + c["some"]:
+        out.append(f"Encoder width: {w['width'] or 'unknown'} ({w['source']})")
+    w = r["text_width"]
+    if w["width"] is not None:
+        out.append(f"Text width: {w['width']} ({w['source']})")
     fp = r["fingerprint"]
     out.append("Fingerprint: " + (", ".join(f"{k}={v}" for k, v in sorted(fp.items()) if k != "settings")
                                   if fp else "none"))
@@ -305,8 +343,15 @@ def render_text(report: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m acestep_ft.data.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset-dir", required=True, help="preprocessed dataset directory (.pt or v3)")
+    p.add_argument("--conditions", default="auto", choices=["auto", *[str(c) for c in Conditions]],
+                   help="condition set to check (dataset.conditions); auto = every set each sample carries")
     p.add_argument("--encoder-width", type=int, default=None,
                    help="expected H_enc (default: the v3 header's, or the most common width of the .pt files)")
+    p.add_argument("--text-width", type=int, default=None,
+                   help="expected D_text of encoder_inputs data (model.text_hidden_dim; default: the v3 header's, "
+                   "or the most common)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="token ids must be below it (model.text_vocab_size; default: only >= 0 is checked)")
     p.add_argument("--batch-size", type=int, default=HardwareConfig.batch_size, help="hardware.batch_size")
     p.add_argument("--bucket-seconds", type=float, default=DatasetConfig.bucket_seconds,
                    help="dataset.bucket_seconds (0 = no bucketing)")
@@ -327,6 +372,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ("--batch-size", args.batch_size >= 1, ">= 1"), ("--bucket-seconds", args.bucket_seconds >= 0, ">= 0"),
         ("--max-frames-per-batch", args.max_frames_per_batch >= 0, ">= 0"),
         ("--encoder-width", args.encoder_width is None or args.encoder_width >= 1, ">= 1"),
+        ("--text-width", args.text_width is None or args.text_width >= 1, ">= 1"),
+        ("--vocab-size", args.vocab_size is None or args.vocab_size >= 1, ">= 1"),
         ("--max-listed", args.max_listed >= 0, ">= 0")] if not ok]
     if bad:
         parser.error("; ".join(bad))
@@ -338,7 +385,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             report = validate(args.dataset_dir, args.encoder_width, args.batch_size, args.bucket_seconds,
                               args.max_frames_per_batch, args.max_seconds, args.min_seconds, args.model_variant,
-                              args.max_listed, progress=not args.no_progress)
+                              args.max_listed, progress=not args.no_progress,
+                              conditions=None if args.conditions == "auto" else Conditions(args.conditions),
+                              text_width=args.text_width, vocab_size=args.vocab_size)
         except DataError as exc:  # --dataset-dir is not a dataset directory at all: a usage error
             raise ConfigError(str(exc).replace("dataset.path", "--dataset-dir")) from None
     print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))

@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             shape = data_shape(cfg)
         except (OSError, ValueError) as err:  # DataError is a ValueError
             raise UserError(f"cannot read the dataset's lengths: {err}") from err
+        inputs = shape.inputs
+        encoder = ("" if inputs is None else f": the condition encoder runs on captions of {inputs.text}, lyrics of "
+                   f"{inputs.lyric} tokens and {inputs.refs} reference(s) of {inputs.ref_frames} frame(s)")
         print(f"model {cfg.model.variant}, mode={cfg.mode.name}, {args.world_size} process(es), data: {shape.where} "
               f"(longest clip {max(shape.lengths)} frames = {max(shape.lengths) / 25:.1f} s, condition "
-              f"{shape.max_cond_len} tokens)")
+              f"{shape.max_cond_len} tokens{encoder})")
         verdict = preflight(cfg, args.world_size, shape)
         print(verdict.report())
     return 0

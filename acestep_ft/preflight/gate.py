@@ -8,7 +8,11 @@ the CPU without `hardware.memory_gb` there is no budget and the gate only report
 
 The worst case is the largest micro-batch the sampler can build from the actual data (lengths read from the index,
 the .pt headers or the synthetic draws; the crop cap applied): the batch with the most padded frames and the
-batch of the longest clip, whichever estimates higher, with the longest condition.
+batch of the longest clip, whichever estimates higher, with the longest condition. For dataset.conditions=
+encoder_inputs the condition is the encoder's inputs (`InputLengths`): synthetic data's dataset.text_length and
+dataset.lyric_length with its one one-frame reference; for preprocessed data the caption, lyric and reference sizes
+of the sample with the longest condition (Ll + R + Lt), the one sample read for it (preprocessing pads captions to
+one length and stores one reference per song, so its lyric length bounds what any batch pads to).
 
 Rewrite order (`preflight.policy=rewrite`; each step only when still over budget, the first setting that fits wins):
   1. train.ema.on_cpu=true (the EMA copy leaves the device; nothing computed changes)
@@ -28,7 +32,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -39,12 +43,13 @@ from acestep_ft.config import (
     CacheConfig, CachePolicy, Config, Device, Distributed, FullMode, LoraMode, MixedPrecision, PreflightPolicy,
     SyntheticDataset, flatten, resolve_hardware,
 )
+from acestep_ft.data.batch import ConditionWidths, Sample
 from acestep_ft.data.crop import capped_lengths, seconds_to_frames
 from acestep_ft.data.sampler import sampler_for
 from acestep_ft.distributed import strategy_problems
 from acestep_ft.errors import UserError
 from acestep_ft.model.decoder import checkpointed_layers
-from acestep_ft.preflight.estimate import MemoryEstimate, estimate_memory
+from acestep_ft.preflight.estimate import Condition, InputLengths, MemoryEstimate, estimate_memory, runs_encoder
 
 GIB = 2**30
 ADAMW = "torch.optim.AdamW"
@@ -54,26 +59,56 @@ REFUSED = "the memory preflight refuses this run (estimated before any weights l
 
 @dataclass
 class DataShape:
-    """What the estimate needs from the data: T per sample (after the crop cap) and the longest condition."""
+    """What the estimate needs from the data: T per sample (after the crop cap), the longest condition L (for
+    encoder_inputs: Ll + R + Lt) and, for encoder_inputs data, the encoder's input sizes."""
 
     lengths: List[int]
     max_cond_len: int
     where: str  # for the report: "32 generated samples", "/data/x (index)"
+    inputs: Optional[InputLengths] = None  # dataset.conditions=encoder_inputs
+
+    @property
+    def condition(self) -> Condition:
+        """What `estimate_memory` takes: the InputLengths of encoder_inputs data, else L."""
+        return self.max_cond_len if self.inputs is None else self.inputs
+
+
+def condition_widths(cfg: Config) -> int | ConditionWidths:
+    """The model widths `build_dataset` checks the data against: H_enc, or for encoder_inputs also the text
+    encoder's width and vocabulary."""
+    width = cfg.model.encoder_hidden_size or cfg.model.hidden_size
+    if not runs_encoder(cfg):
+        return width
+    return ConditionWidths(encoder=width, text=cfg.model.text_hidden_dim, vocab=cfg.model.text_vocab_size)
 
 
 def data_shape(cfg: Config) -> DataShape:
-    """Lengths of the training data without decoding tensors (index, headers, synthetic draws)."""
+    """Lengths of the training data without decoding tensors (index, headers, synthetic draws); for preprocessed
+    encoder_inputs data, the one sample with the longest condition is read for its input sizes."""
     cap = seconds_to_frames(cfg.dataset.max_seconds)
     if isinstance(cfg.dataset, SyntheticDataset):
         from acestep_ft.data.synthetic import synthetic_lengths
 
-        return DataShape(capped_lengths(synthetic_lengths(cfg.dataset), cap), cfg.dataset.condition_length,
-                         f"{cfg.dataset.num_samples} generated samples")
+        lengths = capped_lengths(synthetic_lengths(cfg.dataset), cap)
+        where = f"{cfg.dataset.num_samples} generated samples"
+        if not runs_encoder(cfg):
+            return DataShape(lengths, cfg.dataset.condition_length, where)
+        inputs = InputLengths(text=cfg.dataset.text_length, lyric=cfg.dataset.lyric_length, refs=1, ref_frames=1)
+        return DataShape(lengths, inputs.length, where, inputs)
     from acestep_ft.data.dataset import build_dataset
 
-    width = cfg.model.encoder_hidden_size or cfg.model.hidden_size
-    source = build_dataset(cfg.dataset, CacheConfig(policy=CachePolicy.none), encoder_width=width)
-    return DataShape(capped_lengths(source.lengths, cap), max(source.cond_lengths), f"{cfg.dataset.path}")
+    source = build_dataset(cfg.dataset, CacheConfig(policy=CachePolicy.none), condition_widths(cfg))
+    cond_lengths = source.cond_lengths
+    longest = max(range(len(cond_lengths)), key=cond_lengths.__getitem__)
+    inputs = input_lengths(source[longest]) if runs_encoder(cfg) else None
+    return DataShape(capped_lengths(source.lengths, cap), cond_lengths[longest], f"{cfg.dataset.path}", inputs)
+
+
+def input_lengths(sample: Sample) -> InputLengths:
+    """The condition-encoder input sizes of one encoder_inputs sample."""
+    refs = sample.refer_audio_latents  # [R, Tr, 64]
+    return InputLengths(text=int(sample.text_hidden_states.shape[0]), lyric=int(sample.lyric_token_ids.shape[0]),
+                        refs=int(refs.shape[0]), ref_frames=int(refs.shape[1]))
 
 
 def worst_batches(cfg: Config, shape: DataShape, world_size: int) -> List[Tuple[int, int]]:
@@ -115,7 +150,7 @@ def on_this_machine(cfg: Config) -> Config:
 def estimate_config(cfg: Config, shape: DataShape, world_size: int) -> MemoryEstimate:
     """The estimate of the worst batch of this config on this machine (the higher of the candidate batches)."""
     resolved = on_this_machine(cfg)
-    estimates = [estimate_memory(resolved, b, t, shape.max_cond_len, world_size)
+    estimates = [estimate_memory(resolved, b, t, shape.condition, world_size)
                  for b, t in worst_batches(cfg, shape, world_size)]
     return max(estimates, key=lambda e: e.total)
 
@@ -280,7 +315,7 @@ def suggestions(cfg: Config, shape: DataShape, world_size: int, room: int) -> Li
         frames = seconds_to_frames(seconds)
         if frames >= longest:
             continue
-        cropped = DataShape([min(t, frames) for t in shape.lengths], shape.max_cond_len, shape.where)
+        cropped = replace(shape, lengths=[min(t, frames) for t in shape.lengths])
         total = estimate_config(cfg, cropped, world_size).total
         if total <= room:
             out.append(f"cropping clips to {seconds} s fits ({total / GIB:.2f} GiB): dataset.max_seconds={seconds} "

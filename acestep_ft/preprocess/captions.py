@@ -1,13 +1,16 @@
-"""Captions, lyrics and metas per audio file, and the caption prompt the text encoder reads (chain step 3).
+"""Captions, lyrics and metas per audio file, the caption prompt the text encoder reads and the lyric text the
+tokenizer reads (chain steps 3 and 4).
 
 Sources (`PreprocessConfig.metadata_csv`):
-- a CSV with a `file` column (path relative to input_dir) and caption, lyrics, bpm, keyscale, timesignature columns
-  (header names case-insensitive; empty cells = not given);
-- else sidecars beside `song.wav`: `song.json` ({"caption", "lyrics", "bpm", "keyscale", "timesignature"}), or
-  `song.txt` (the caption) + optional `song.lyrics.txt`.
-A file without a (non-empty) caption is skipped and reported. No lyrics = "[Instrumental]" (official).
+- a CSV with a `file` column (path relative to input_dir) and caption, lyrics, bpm, keyscale, timesignature, language
+  columns (header names case-insensitive; empty cells = not given);
+- else sidecars beside `song.wav`: `song.json` ({"caption", "lyrics", "bpm", "keyscale", "timesignature",
+  "language"}), or `song.txt` (the caption) + optional `song.lyrics.txt`.
+A file without a (non-empty) caption is skipped and reported. No lyrics = "[Instrumental]" (official); no language =
+"unknown" (the official AudioSample default).
 
-    prompt = caption_prompt(Song(...), duration_s=187.4)   # the official SFT_GEN_PROMPT, byte for byte
+    prompt = caption_prompt(Song(...), duration_s=187.4)              # the official SFT_GEN_PROMPT, byte for byte
+    text = lyric_text(Song(...), LyricFormat.official_template)        # "# Languages\nen\n\n# Lyric\n...<|endoftext|>"
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from acestep_ft.config import LyricFormat
 from acestep_ft.errors import ConfigError, UserError
 
 SFT_GEN_PROMPT = "# Instruction\n{}\n\n# Caption\n{}\n\n# Metas\n{}<|endoftext|>\n"
 """Official `acestep/constants.py` SFT_GEN_PROMPT (instruction, caption, metas)."""
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
+LYRIC_GEN_PROMPT = "# Languages\n{}\n\n# Lyric\n{}<|endoftext|>"
+"""Official `acestep/constants.py` LYRIC_GEN_PROMPT (vocal language, lyrics): the lyric text of inference and, since
+the official preprocessing switched to it, of official training (`preprocess_lyrics.encode_lyrics`)."""
 INSTRUMENTAL = "[Instrumental]"
-FIELDS = ("caption", "lyrics", "bpm", "keyscale", "timesignature")
+UNKNOWN_LANGUAGE = "unknown"
+"""The official AudioSample.language default, used when a song gives none."""
+FIELDS = ("caption", "lyrics", "bpm", "keyscale", "timesignature", "language")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class Song:
     bpm: Optional[int] = None
     keyscale: Optional[str] = None
     timesignature: Optional[str] = None
+    language: Optional[str] = None
+    """Vocal language code (en, zh, ja, ...) for the official lyric template's "# Languages" header."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,8 +66,33 @@ def caption_prompt(song: Song, duration_s: float) -> str:
 
 
 def lyrics_text(song: Song) -> str:
-    """The raw lyrics the official trainers embed (not the inference "# Languages / # Lyric" template)."""
+    """The song's lyrics as given, or "[Instrumental]" (what the metadata records)."""
     return song.lyrics if song.lyrics and song.lyrics.strip() else INSTRUMENTAL
+
+
+def language_of(song: Song) -> str:
+    """The song's vocal language, or "unknown" (official default)."""
+    return song.language or UNKNOWN_LANGUAGE
+
+
+def lyric_text(song: Song, lyric_format: LyricFormat) -> str:
+    """The text the tokenizer reads for the lyric branch.
+
+    raw: the lyrics as they are (the official trainer's preprocessing until it adopted the template);
+    official_template: LYRIC_GEN_PROMPT with the song's language (official inference, and official training now).
+    """
+    match lyric_format:
+        case LyricFormat.raw:
+            return lyrics_text(song)
+        case LyricFormat.official_template:
+            return LYRIC_GEN_PROMPT.format(language_of(song), lyrics_text(song))
+    raise ValueError(f"unknown lyric format {lyric_format!r}")
+
+
+def lyric_padding(lyric_format: LyricFormat) -> str:
+    """Tokenizer padding of the lyric ids: raw pads to lyric_max_tokens (the former official preprocessing);
+    official_template does not pad (padding="longest" of one text, as official training and inference)."""
+    return "max_length" if lyric_format == LyricFormat.raw else "longest"
 
 
 def _clean(value: Any) -> Optional[str]:
@@ -82,7 +118,8 @@ def make_song(record: dict, where: str) -> Song:
     if caption is None:
         raise ValueError(f"no caption ({where})")
     return Song(caption=caption, lyrics=_clean(record.get("lyrics")), bpm=_bpm(record.get("bpm"), where),
-                keyscale=_clean(record.get("keyscale")), timesignature=_clean(record.get("timesignature")))
+                keyscale=_clean(record.get("keyscale")), timesignature=_clean(record.get("timesignature")),
+                language=_clean(record.get("language")))
 
 
 def read_csv(path: Path) -> dict[str, dict]:

@@ -1,19 +1,29 @@
 """The frozen encoders of the official preprocessing chain (steps 2-5), loaded once, run per song.
 
     enc = Encoders.load(model_cfg, preprocess_cfg, hardware_cfg)
-    tensors = enc.encode(clip, song, key)      # the 5 tensors of one .pt sample, in preprocess.dtype
-    enc.fingerprint(settings)                  # variant + the four weight digests + settings
+    tensors = enc.encode(clip, song, key)      # the tensors of one sample (preprocess.store), in preprocess.dtype
+    enc.fingerprint(settings)                  # variant + the weight digests + settings
 
 - VAE: diffusers `AutoencoderOobleck` (`<model.path>/../vae`). Audio is encoded in windows of `chunk_seconds` whose
   `overlap_seconds` on each side are encoded and discarded (official tiled encode). The windows' posterior
   parameters (mean, scale) are stitched and ONE sample `mean + std * noise` is drawn over the whole song from a CPU
   generator seeded by (preprocess.seed, song key): the latents do not depend on the chunking, the device, the order
   of the songs or on resuming, and equal `vae.encode(audio).latent_dist.sample(generator)` of the whole song.
-- Text: the official SFT_GEN_PROMPT through the text encoder (`last_hidden_state`, called without an attention
-  mask, as the official preprocessor does); lyrics through its token embedding table only.
+- Text (model.text_encoder_path, default `<model.path>/../Qwen3-Embedding-0.6B`): the official SFT_GEN_PROMPT
+  through the text encoder (`last_hidden_state`, called without an attention mask, as the official preprocessor
+  does); the lyric text (`captions.lyric_text`, preprocess.lyric_format) tokenized, through its token embedding
+  table only.
 - Condition encoder: the DiT checkpoint's `encoder.*` with one zero timbre reference [1, 1, 64] (official trainers).
 - context_latents = cat(silence_latent[:T], ones[T, 64]); silence_latent.pt comes from the DiT directory. Without one
   only model=tiny proceeds (zeros, recorded in the fingerprint as silence_latent="zeros"); real variants refuse.
+
+preprocess.store picks what a sample holds for the condition (all keys in preprocess.dtype except the int64 ids):
+    outputs   encoder_hidden_states [L, H_enc], encoder_attention_mask [L]       (the condition encoder's output)
+    inputs    text_hidden_states [Lt, D_text], text_attention_mask [Lt], text_token_ids [Lt] int64,
+              lyric_token_ids [Ll] int64, lyric_attention_mask [Ll], refer_audio_latents [1, 1, 64] zeros
+              (what the condition encoder consumes; it is not loaded, and its weights are not in the fingerprint)
+    both      the two sets
+plus target_latents [T, 64], attention_mask [T], context_latents [T, 128] always.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from acestep_ft.config import ExportDtype, HardwareConfig, PreprocessConfig, resolve_hardware
+from acestep_ft.config import ExportDtype, HardwareConfig, PreprocessConfig, StoreConditions, resolve_hardware
 from acestep_ft.data.fingerprint import make_fingerprint, tensor_digest
 from acestep_ft.data.v3_reader import FRAMES_PER_SECOND
 from acestep_ft.errors import ConfigError, UserError
@@ -38,13 +48,16 @@ from acestep_ft.model import load_model
 from acestep_ft.model.checkpoint_io import condition_encoder_digest
 
 from .audio import Clip
-from .captions import Song, caption_prompt, lyrics_text
+from .captions import Song, caption_prompt, lyric_padding, lyric_text
 
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 64
 SILENCE_NAME = "silence_latent.pt"
 STORED = {ExportDtype.float32: torch.float32, ExportDtype.bfloat16: torch.bfloat16, ExportDtype.float16: torch.float16}
 COMPUTE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_ENCODER_KEY = "model.text_encoder_path"
+INPUT_KEYS = ("text_hidden_states", "text_attention_mask", "text_token_ids", "lyric_token_ids", "lyric_attention_mask",
+              "refer_audio_latents")
 
 
 def song_seed(seed: int, key: str) -> int:
@@ -52,18 +65,19 @@ def song_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def component_paths(model_path: Optional[str], pre: PreprocessConfig) -> tuple[Path, Path, Path]:
+def component_paths(model_cfg: Any, pre: PreprocessConfig) -> tuple[Path, Path, Path]:
     """(DiT dir, VAE dir, text-encoder dir): the official layout puts vae/ and Qwen3-Embedding-0.6B/ beside the DiT."""
-    if model_path is None:
-        raise ConfigError("model.path is required: the condition encoder's weights decide what the cached "
-                          "encoder_hidden_states mean. Fix: model.path=<checkpoints>/acestep-v15-turbo (or your DiT).")
-    dit = Path(os.path.expanduser(model_path))
+    if model_cfg.path is None:
+        raise ConfigError("model.path is required: the DiT checkpoint directory (its condition encoder and "
+                          "silence_latent.pt; vae/ and Qwen3-Embedding-0.6B/ beside it by default). Fix: "
+                          "model.path=<checkpoints>/acestep-v15-turbo (or your DiT).")
+    dit = Path(os.path.expanduser(model_cfg.path))
     vae = Path(os.path.expanduser(pre.vae_path)) if pre.vae_path else dit.parent / "vae"
-    text = (Path(os.path.expanduser(pre.text_encoder_path)) if pre.text_encoder_path
+    text = (Path(os.path.expanduser(model_cfg.text_encoder_path)) if model_cfg.text_encoder_path
             else dit.parent / "Qwen3-Embedding-0.6B")
     missing = [f"{name}: {p} (set {knob})" for name, p, knob in
                [("DiT", dit, "model.path"), ("VAE", vae, "preprocess.vae_path"),
-                ("text encoder", text, "preprocess.text_encoder_path")] if not p.is_dir()]
+                ("text encoder", text, TEXT_ENCODER_KEY)] if not p.is_dir()]
     if missing:
         raise ConfigError("Preprocessing needs these directories, not found:\n  " + "\n  ".join(missing))
     return dit, vae, text
@@ -144,7 +158,8 @@ def sample_latents(params: Tensor, generator: torch.Generator) -> Tensor:
 
 
 class Encoders:
-    """VAE + text encoder + tokenizer + condition encoder + silence latent on one device, in one compute dtype."""
+    """VAE + text encoder + tokenizer + condition encoder (None with preprocess.store=inputs) + silence latent on one
+    device, in one compute dtype."""
 
     def __init__(self, vae, text_model, tokenizer, condition_encoder, silence, digests: dict, pre, device, dtype):
         self.vae, self.text_model, self.tokenizer = vae, text_model, tokenizer
@@ -159,7 +174,7 @@ class Encoders:
         from diffusers import AutoencoderOobleck
 
         check_settings(pre)
-        dit, vae_dir, text_dir = component_paths(model_cfg.path, pre)
+        dit, vae_dir, text_dir = component_paths(model_cfg, pre)
         cuda = torch.cuda.is_available()
         if hw.device == "cuda" and not cuda:
             raise ConfigError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu or hardware=auto.")
@@ -172,41 +187,65 @@ class Encoders:
         with loading("VAE (diffusers AutoencoderOobleck)", vae_dir, "preprocess.vae_path=<the checkpoint's vae/>"):
             vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
         check_vae(vae, vae_dir)
-        tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, "preprocess.text_encoder_path")
-        with loading("DiT", dit, "model.path=<an ACE-Step 1.5 DiT directory of this model variant>"):
-            model = load_model(model_cfg, device="cpu", dtype=torch.float32)
+        tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, TEXT_ENCODER_KEY)
+        condition_encoder, encoder_digest = None, None
+        if pre.store != StoreConditions.inputs:  # the condition encoder runs only when its outputs are stored
+            with loading("DiT", dit, "model.path=<an ACE-Step 1.5 DiT directory of this model variant>"):
+                model = load_model(model_cfg, device="cpu", dtype=torch.float32)
+            encoder_digest = condition_encoder_digest(model)
+            condition_encoder = model.encoder.to(device=device, dtype=dtype).eval()
+            del model  # the decoder is not needed
         silence, silence_label = load_silence(dit, model_cfg.variant)
-        digests = {"condition_encoder": condition_encoder_digest(model), "vae": tensor_digest(vae.state_dict()),
+        digests = {"condition_encoder": encoder_digest, "vae": tensor_digest(vae.state_dict()),
                    "text_encoder": tensor_digest(text_model.state_dict()), "tokenizer": tokenizer_digest(tokenizer),
-                   "silence_latent": silence_label, "variant": model_cfg.variant, "compute_dtype": str(dtype)[6:]}
-        condition_encoder = model.encoder.to(device=device, dtype=dtype).eval()
-        del model  # the decoder is not needed
+                   "silence_latent": silence_label, "compute_dtype": str(dtype)[6:],
+                   # encoder inputs do not depend on the DiT variant's weights: such data trains any variant
+                   "variant": None if pre.store == StoreConditions.inputs else model_cfg.variant}
         vae, text_model = vae.to(device=device, dtype=dtype), text_model.to(device=device, dtype=dtype)
         return cls(vae, text_model, tokenizer, condition_encoder, silence, digests, pre, device, dtype)
 
     def fingerprint(self, settings: dict) -> dict:
+        """The dataset fingerprint; with store=inputs its variant and condition-encoder digest are None (unknown)."""
         d = self.digests
         return make_fingerprint(d["variant"], d["condition_encoder"], d["vae"], d["text_encoder"], d["tokenizer"],
                                 {**settings, "sample_rate": self.sample_rate, "silence_latent": d["silence_latent"],
                                  "compute_dtype": d["compute_dtype"]})
 
-    def _tokens(self, text: str, max_length: int) -> tuple[Tensor, Tensor]:
-        out = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                             return_tensors="pt")
+    def _tokens(self, text: str, max_length: int, padding: str) -> tuple[Tensor, Tensor]:
+        """(ids [1, L] int64, mask [1, L] int64) on the device; L = max_length when padding="max_length"."""
+        out = self.tokenizer(text, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
         return out.input_ids.to(self.device), out.attention_mask.to(self.device)
 
     @torch.no_grad()
+    def encoder_inputs(self, song: Song, duration_s: float) -> dict[str, Tensor]:
+        """What the condition encoder consumes for one song, batch of one, on the device (compute dtype; ids int64):
+        text_token_ids / text_attention_mask [1, Lt], text_hidden_states [1, Lt, D], lyric_token_ids /
+        lyric_attention_mask [1, Ll], lyric_hidden_states [1, Ll, D] (the ids through the embedding table),
+        refer_audio_latents [1, 1, 64] zeros."""
+        ids, text_mask = self._tokens(caption_prompt(song, duration_s), self.pre.text_max_tokens, "max_length")
+        lyric_ids, lyric_mask = self._tokens(lyric_text(song, self.pre.lyric_format), self.pre.lyric_max_tokens,
+                                             lyric_padding(self.pre.lyric_format))
+        return {"text_token_ids": ids, "text_attention_mask": text_mask.to(self.dtype),
+                "text_hidden_states": self.text_model(ids).last_hidden_state.to(self.dtype),
+                "lyric_token_ids": lyric_ids, "lyric_attention_mask": lyric_mask.to(self.dtype),
+                "lyric_hidden_states": self.text_model.get_input_embeddings()(lyric_ids).to(self.dtype),
+                "refer_audio_latents": torch.zeros(1, 1, LATENT_CHANNELS, device=self.device, dtype=self.dtype)}
+
+    @torch.no_grad()
+    def run_condition_encoder(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(encoder_hidden_states [L, H_enc], encoder_attention_mask [L]) float32 on the CPU from `encoder_inputs`."""
+        if self.condition_encoder is None:
+            raise UserError("the condition encoder was not loaded (preprocess.store=inputs). Fix: "
+                            "preprocess.store=outputs or both to store its outputs.")
+        order = torch.zeros(1, device=self.device, dtype=torch.long)  # the one reference belongs to sample 0
+        hidden, mask = self.condition_encoder(inputs["text_hidden_states"], inputs["text_attention_mask"],
+                                              inputs["lyric_hidden_states"], inputs["lyric_attention_mask"],
+                                              inputs["refer_audio_latents"], order)
+        return hidden[0].float().cpu(), mask[0].float().cpu()
+
     def condition(self, song: Song, duration_s: float) -> tuple[Tensor, Tensor]:
         """(encoder_hidden_states [L, H_enc], encoder_attention_mask [L] float) for one song."""
-        ids, text_mask = self._tokens(caption_prompt(song, duration_s), self.pre.text_max_tokens)
-        text_hidden = self.text_model(ids).last_hidden_state.to(self.dtype)           # [1, Lt, D]
-        lyric_ids, lyric_mask = self._tokens(lyrics_text(song), self.pre.lyric_max_tokens)
-        lyric_hidden = self.text_model.get_input_embeddings()(lyric_ids).to(self.dtype)  # [1, Ll, D]
-        refer = torch.zeros(1, 1, LATENT_CHANNELS, device=self.device, dtype=self.dtype)
-        order = torch.zeros(1, device=self.device, dtype=torch.long)
-        hidden, mask = self.condition_encoder(text_hidden, text_mask.to(self.dtype), lyric_hidden,
-                                              lyric_mask.to(self.dtype), refer, order)
-        return hidden[0].float().cpu(), mask[0].float().cpu()
+        return self.run_condition_encoder(self.encoder_inputs(song, duration_s))
 
     def latents(self, clip: Clip, key: str) -> Tensor:
         """target_latents [T, 64] float32, sampled with the song's own seed."""
@@ -214,15 +253,20 @@ class Encoders:
         return sample_latents(params, torch.Generator().manual_seed(song_seed(self.pre.seed, key)))
 
     def encode(self, clip: Clip, song: Song, key: str) -> dict[str, Tensor]:
-        """The five tensors of one sample (official .pt keys), in preprocess.dtype."""
+        """The tensors of one sample (see the module docstring for preprocess.store), floats in preprocess.dtype,
+        token ids int64."""
         target = self.latents(clip, key)
-        hidden, mask = self.condition(song, clip.source_seconds)
         t_len = target.shape[0]
-        tensors = {"target_latents": target, "attention_mask": torch.ones(t_len),
-                   "encoder_hidden_states": hidden, "encoder_attention_mask": mask,
-                   "context_latents": context_latents(self.silence, t_len)}
+        tensors = {"target_latents": target, "attention_mask": torch.ones(t_len)}
+        inputs = self.encoder_inputs(song, clip.source_seconds)
+        if self.pre.store != StoreConditions.inputs:
+            tensors["encoder_hidden_states"], tensors["encoder_attention_mask"] = self.run_condition_encoder(inputs)
+        tensors["context_latents"] = context_latents(self.silence, t_len)
+        if self.pre.store != StoreConditions.outputs:
+            tensors.update({k: inputs[k][0].cpu() for k in INPUT_KEYS if k != "refer_audio_latents"})
+            tensors["refer_audio_latents"] = inputs["refer_audio_latents"].cpu()  # [R=1, Tr=1, 64]: no batch axis
         stored = STORED[self.pre.dtype]
-        return {k: v.to(stored).contiguous() for k, v in tensors.items()}
+        return {k: (v.to(stored) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
 
 def load_text_encoder(path: Path, text_hidden_dim: int, key: str) -> tuple[Any, Any]:
@@ -233,10 +277,13 @@ def load_text_encoder(path: Path, text_hidden_dim: int, key: str) -> tuple[Any, 
     with loading("text encoder (transformers model + tokenizer)", path, f"{key}=<the checkpoint's text encoder>"):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-    width = model.get_input_embeddings().weight.shape[1]
+    rows, width = model.get_input_embeddings().weight.shape
     if width != text_hidden_dim:
         raise ConfigError(f"{path}: hidden size {width}, but model.text_hidden_dim={text_hidden_dim} (the condition "
                           f"encoder's input). Fix: {key}=<the text encoder of this checkpoint family>.")
+    if len(tokenizer) > rows:  # token ids must index the embedding table (lyric ids are embedded with it)
+        raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the text encoder's embedding table "
+                          f"only {rows} rows. Fix: {key}=<a directory whose tokenizer and model belong together>.")
     return tokenizer, model
 
 

@@ -37,7 +37,7 @@ from acestep_ft.data.v3_reader import INDEX_NAME
 from acestep_ft.errors import ConfigError, UserError
 
 from .audio import AudioProblem, discover, read_audio
-from .captions import Song, load_songs, lyrics_text
+from .captions import INSTRUMENTAL, Song, language_of, load_songs, lyric_padding, lyrics_text
 from .encoders import Encoders
 
 WORK_DIR = ".work"
@@ -80,7 +80,8 @@ def settings_of(pre: PreprocessConfig) -> dict:
     return {"max_seconds": pre.max_seconds, "chunk_seconds": pre.chunk_seconds,
             "overlap_seconds": pre.overlap_seconds, "text_max_tokens": pre.text_max_tokens,
             "lyric_max_tokens": pre.lyric_max_tokens, "dtype": str(pre.dtype), "seed": pre.seed,
-            "latents": "latent_dist.sample", "prompt": "SFT_GEN_PROMPT"}
+            "latents": "latent_dist.sample", "prompt": "SFT_GEN_PROMPT", "store": str(pre.store),
+            "lyric_format": str(pre.lyric_format), "lyric_padding": lyric_padding(pre.lyric_format)}
 
 
 def check_output_dir(out: Path) -> None:
@@ -150,11 +151,11 @@ def commit(work: Path, rel: str, sig: str, tensors: dict, metadata: dict, second
 
 
 def song_metadata(rel: str, song: Song, source_seconds: float, seconds: float) -> dict:
-    """The official .pt `metadata` fields (audio_path relative to input_dir)."""
+    """The official .pt `metadata` fields (audio_path relative to input_dir; lyrics as given, not the template)."""
     return {"audio_path": rel, "filename": Path(rel).name, "caption": song.caption, "lyrics": lyrics_text(song),
             "duration": int(source_seconds), "seconds_encoded": round(seconds, 3), "bpm": song.bpm,
-            "keyscale": song.keyscale, "timesignature": song.timesignature,
-            "is_instrumental": lyrics_text(song) == "[Instrumental]"}
+            "keyscale": song.keyscale, "timesignature": song.timesignature, "language": language_of(song),
+            "is_instrumental": lyrics_text(song) == INSTRUMENTAL}
 
 
 def publish(pack: Path, out: Path) -> None:

@@ -4,13 +4,16 @@
     samples = encode_prompts(prompts, model, model_cfg, text_dir, vae, device, dtype, key)   # once; encoders freed
 
 A prompt goes through exactly the path that gave the training data its conditions (`Encoders.condition`: the official
-SFT_GEN_PROMPT caption prompt, metas bpm / keyscale / timesignature N/A and the prompt's duration, padded to 256
-tokens, through the text encoder; the raw lyrics, padded to 512 tokens, through its embedding table; the model's own
-condition encoder with one zero timbre reference), so a preview hears conditions shaped like the ones the model
-trains on. Official inference instead pads to the longest prompt and wraps the lyrics as
-"# Languages\\n{lang}\\n\\n# Lyric\\n{lyrics}<|endoftext|>" (acestep/core/generation/handler/conditioning_text.py); the
-decoder attends to padding tokens too, so the two formats give different conditions. context_latents =
-cat(silence_latent[:T], ones) as in preprocessing, T = 25 latent frames per second of the prompt's duration.
+SFT_GEN_PROMPT caption prompt, metas bpm / keyscale / timesignature N/A and the prompt's duration, padded to
+preprocess.text_max_tokens; the lyric text of preprocess.lyric_format, tokenized as preprocessing does, through the
+text encoder's embedding table; the model's own condition encoder with one zero timbre reference), so a preview hears
+conditions shaped like the ones the model trains on. `pre` holds those preprocessing settings (default: the
+PreprocessConfig defaults); pass the data's own when it was preprocessed with others. Official inference pads the
+caption to the longest prompt of its batch and wraps the lyrics as
+"# Languages\\n{lang}\\n\\n# Lyric\\n{lyrics}<|endoftext|>" (lyric_format=official_template); the decoder attends to
+padding tokens too, so the formats give different conditions.
+context_latents = cat(silence_latent[:T], ones) as in preprocessing, T = 25 latent frames per second of the prompt's
+duration.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import copy
 import gc
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,11 +40,13 @@ def prompt_frames(seconds: float) -> int:
 
 
 def encode_prompts(prompts: Sequence[PromptSample], model: nn.Module, model_cfg: Any, text_dir: Path, vae: Any,
-                   device: Any, dtype: torch.dtype, text_key: str) -> List[Sample]:
+                   device: Any, dtype: torch.dtype, text_key: str,
+                   pre: Optional[PreprocessConfig] = None) -> List[Sample]:
     """One Sample per prompt (key prompt-<i>, float32 on the CPU; target_latents zeros: there is no target), encoded
     once with the text encoder in `text_dir` and `model`'s condition encoder, on `device` in `dtype` as preprocessing
-    runs them. The text encoder and any device copy of the condition encoder are freed before returning, so nothing
-    of them stays on the device. `vae` only provides the sample rate the encoders record."""
+    runs them, with the token lengths and lyric format of `pre` (None = the PreprocessConfig defaults). The text
+    encoder and any device copy of the condition encoder are freed before returning, so nothing of them stays on the
+    device. `vae` only provides the sample rate the encoders record."""
     tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, text_key)
     device = torch.device(device)
     in_place = all(p.device == device and p.dtype == dtype for p in model.encoder.parameters())
@@ -52,7 +57,7 @@ def encode_prompts(prompts: Sequence[PromptSample], model: nn.Module, model_cfg:
     if model_cfg.path is not None:
         dit = Path(model_cfg.path).expanduser()
         silence, _ = load_silence(dit if dit.is_dir() else dit.parent, model_cfg.variant)
-    settings = PreprocessConfig(input_dir="", output_dir="")  # the official token lengths (256 caption, 512 lyrics)
+    settings = pre if pre is not None else PreprocessConfig(input_dir="", output_dir="")
     encoders = Encoders(vae, text_model.to(device=device, dtype=dtype), tokenizer, condition_encoder.eval(), silence,
                         {}, settings, device, dtype)
     try:

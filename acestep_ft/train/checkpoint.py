@@ -37,7 +37,7 @@ from acestep_ft.atomic import atomic_directory, atomic_write_bytes, delete_via_t
 from acestep_ft.digest import ALGORITHM, file_digest
 from acestep_ft.errors import UserError
 from acestep_ft.train.adapters import load_adapter_weights
-from acestep_ft.train.trainable import trainable_state_dict
+from acestep_ft.train.trainable import DecoderAndEncoder, trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,11 @@ def load_weights(path: Path, decoder: nn.Module, mode: str) -> None:
             load_adapter_weights(decoder, folder)
         else:
             weights = load_file(str(folder / "model.safetensors"))
-            decoder.load_state_dict({k[len("decoder."):]: v for k, v in weights.items() if k.startswith("decoder.")})
+            if isinstance(decoder, DecoderAndEncoder):  # official keys: decoder.* and encoder.*
+                decoder.load_state_dict({k: v for k, v in weights.items() if k.startswith(("decoder.", "encoder."))})
+            else:
+                decoder.load_state_dict({k[len("decoder."):]: v for k, v in weights.items()
+                                         if k.startswith("decoder.")})
     except UserError:
         raise
     except Exception as err:  # safetensors, OSError, a strict load_state_dict: the files do not fit

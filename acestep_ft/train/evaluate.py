@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,7 @@ from acestep_ft.data.collate import collate
 from acestep_ft.data.crop import crop_sample, crop_window
 from acestep_ft.data.dataset import SampleSource
 from acestep_ft.train.objective import interpolate, sample_timesteps, velocity_target
-from acestep_ft.train.step import predict_velocity
+from acestep_ft.train.step import Encode, batch_condition, predict_velocity
 
 
 def sample_generator(seed: int, key: str, purpose: str) -> torch.Generator:
@@ -95,8 +95,9 @@ class ValidationSet:
 
 @torch.no_grad()
 def validation_loss(acc: Accelerator, decoder: torch.nn.Module, val: ValidationSet, cfg: ObjectiveConfig,
-                    timestep_mu: float, timestep_sigma: float) -> float:
-    """Mean per-sample validation loss over the whole split (all processes), in eval mode, without CFG dropout."""
+                    timestep_mu: float, timestep_sigma: float, encode: Optional[Encode] = None) -> float:
+    """Mean per-sample validation loss over the whole split (all processes), in eval mode, without CFG dropout.
+    `encode`: the condition encoder for data that carries its inputs (step.batch_condition)."""
     was_training = decoder.training
     decoder.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (sum of sample losses, samples)
@@ -109,7 +110,8 @@ def validation_loss(acc: Accelerator, decoder: torch.nn.Module, val: ValidationS
             t = t.to(acc.device)
             x0 = batch.target_latents
             with acc.autocast():
-                pred = predict_velocity(decoder, batch, interpolate(x0, noise, t), t, batch.encoder_hidden_states,
+                hidden, encoder_mask = batch_condition(batch, encode)
+                pred = predict_velocity(decoder, batch, interpolate(x0, noise, t), t, hidden, encoder_mask,
                                         cfg.attention_mask)
             if counted:
                 losses = per_sample_loss(pred, velocity_target(x0, noise), batch.attention_mask)

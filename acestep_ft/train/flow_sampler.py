@@ -136,7 +136,8 @@ def sample_latents(decoder: Callable[..., Tensor], batch: Batch, noise: Tensor, 
     for t_now, t_next in zip(schedule[:-1], schedule[1:]):
         x_in = torch.cat([x, x]) if cfg else x
         t = torch.full((x_in.shape[0],), t_now, device=x.device)
-        v = predict_velocity(decoder, run, x_in, t, run.encoder_hidden_states, use_masks).float()
+        v = predict_velocity(decoder, run, x_in, t, run.encoder_hidden_states, run.encoder_attention_mask,
+                             use_masks).float()
         if cfg:
             cond, uncond = v.chunk(2)
             v = apg_guidance(cond, uncond, guidance_scale, momentum)

@@ -27,7 +27,7 @@ from acestep_ft.train.ema import Ema
 from acestep_ft.train.lifecycle import StopSignals
 from acestep_ft.train.metrics import MetricsSink
 from acestep_ft.train.optim import optimizer_metrics, training_mode
-from acestep_ft.train.step import flow_matching_loss
+from acestep_ft.train.step import Encode, flow_matching_loss
 from acestep_ft.train.trainable import drop_held_grads
 
 
@@ -53,6 +53,7 @@ class LoopParts:
     stop: Optional[StopSignals] = None  # stop requests by signal (None: signals keep their default action)
     nonfinite_skips: int = 0           # non-finite steps dropped so far (restored on resume)
     nonfinite_in_a_row: int = 0        # of those, the latest consecutive ones (restored on resume)
+    encode: Optional[Encode] = None    # the condition encoder, for data that carries its inputs (else None)
 
 
 def peak_memory_gb(device: torch.device) -> Dict[str, float]:
@@ -198,7 +199,7 @@ def accumulate_and_step(parts: LoopParts, grad_accum: int, params: List[nn.Param
         out.waited += wait_s
         with acc.accumulate(parts.decoder):
             loss = flow_matching_loss(parts.decoder, parts.null_embedding, batch, parts.objective,
-                                      parts.timestep_mu, parts.timestep_sigma)
+                                      parts.timestep_mu, parts.timestep_sigma, encode=parts.encode)
             acc.backward(loss)
             micro_loss = float(acc.reduce(loss.detach(), "mean"))  # collective: equal on every process
             out.loss += micro_loss / grad_accum

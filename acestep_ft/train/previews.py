@@ -14,7 +14,7 @@ the prompts are encoded on the main process (`preprocess/prompts.py`, called by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,19 +25,22 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from acestep_ft.atomic import atomic_write_bytes
-from acestep_ft.config import ModelConfig, PromptSample, SampleConfig
+from acestep_ft.config import (LyricFormat, ModelConfig, PreprocessConfig, PreprocessedDataset, PromptSample,
+                               SampleConfig)
 from acestep_ft.data.batch import Sample
 from acestep_ft.data.collate import collate
 from acestep_ft.data.dataset import SampleSource, SubsetSource
+from acestep_ft.data.fingerprint import read_fingerprint
 from acestep_ft.errors import ConfigError
 from acestep_ft.train.evaluate import ValidationSet, fixed_noise
+from acestep_ft.train.conditioning import TEXT_ENCODER_DIR
 from acestep_ft.train.flow_sampler import Sampler, resolve_sampler, sample_latents
+from acestep_ft.train.step import Encode
 from acestep_ft.train.sample_audio import (
     decode_latents, file_name, load_sample_vae, sibling_dir, slug, vae_dir, vae_rate, wav_bytes,
 )
 
-TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
-PROMPT_KEYS = ("train.samples.text_encoder_path", "train.samples.vae_path")
+PROMPT_KEYS = ("model.text_encoder_path", "train.samples.vae_path")
 
 LogAudio = Callable[..., None]
 """log_audio(step, name, audio [S, channels] float32, rate, caption=None)"""
@@ -57,6 +60,7 @@ class Previews:
     prompts: List[Tuple[str, PromptSample, Sample]] = field(default_factory=list)  # (name, prompt, encoded)
     vae: Optional[Any] = None        # main process only; None = latents only
     log_audio: Optional[LogAudio] = None
+    encode: Optional[Encode] = None  # the condition encoder, for data that carries its inputs
 
     @torch.no_grad()
     def render(self, decoder: nn.Module, run_dir: Path, step: int, acc: Accelerator) -> Dict[str, float]:
@@ -81,6 +85,9 @@ class Previews:
         first = SubsetSource(self.source, range(count))
         batch, lengths = ValidationSet(first, count, self.max_frames, self.seed).batch(range(count))
         batch = batch.to(device).float()
+        if self.encode is not None:
+            hidden, mask = self.encode(batch)
+            batch = replace(batch, encoder_hidden_states=hidden.float(), encoder_attention_mask=mask)
         noise = fixed_noise(batch.keys, lengths, self.seed, "sample").to(device)
         s = self.sampler
         latents = sample_latents(decoder, batch, noise, s.steps, s.shift, self.use_masks, s.guidance_scale,
@@ -126,6 +133,19 @@ def prompt_dirs(text_encoder_path: Optional[str], vae_path: Optional[str], model
     return found[0], found[1]
 
 
+def data_settings(dataset: Any) -> Optional[PreprocessConfig]:
+    """The tokenization the training data was preprocessed with (its fingerprint's settings), so text prompts render
+    the way the model saw its captions and lyrics: lyric format and token lengths; None = the preprocessing defaults
+    (synthetic or legacy .pt data). Data written before preprocess.lyric_format existed used raw lyrics."""
+    fp = read_fingerprint(dataset.path) if isinstance(dataset, PreprocessedDataset) else None
+    if fp is None:
+        return None
+    settings = fp.get("settings") or {}
+    known = {k: settings[k] for k in ("text_max_tokens", "lyric_max_tokens") if k in settings}
+    return PreprocessConfig(input_dir="", output_dir="", lyric_format=settings.get("lyric_format", LyricFormat.raw),
+                            **known)
+
+
 def prompt_name(index: int, prompt: PromptSample) -> str:
     """prompt-<i>-<caption slug>: the prompt's file and logger name."""
     return f"prompt-{index}-{slug(prompt.caption)}"
@@ -154,7 +174,7 @@ def preview_problems(spec: SampleConfig, model_cfg: ModelConfig) -> List[str]:
     if spec.num < 0 or (spec.num == 0 and not spec.prompts):
         problems.append(f"train.samples.num={spec.num} must be >= 1 (or 0 with train.samples.prompts).")
     for check in (lambda: resolve_sampler(spec.sampler, model_cfg.is_turbo, "train.samples.sampler"),
-                  lambda: spec.prompts and prompt_dirs(spec.text_encoder_path, spec.vae_path, model_cfg.path,
+                  lambda: spec.prompts and prompt_dirs(model_cfg.text_encoder_path, spec.vae_path, model_cfg.path,
                                                        *PROMPT_KEYS)):
         try:
             check()
@@ -168,7 +188,7 @@ def preview_problems(spec: SampleConfig, model_cfg: ModelConfig) -> List[str]:
 def build_previews(spec: SampleConfig, model_cfg: ModelConfig, model: nn.Module, acc: Accelerator,
                    source: SampleSource, max_frames: int, seed: int, use_masks: bool,
                    log_audio: Optional[LogAudio], say: Callable[[str], None],
-                   encode: Callable[[Path, Any], List[Sample]]) -> Previews:
+                   encode: Callable[[Path, Any], List[Sample]], condition: Optional[Encode] = None) -> Previews:
     """Resolve the sampler, find and load the VAE (main process), and have `encode(text_dir, vae)` encode the prompts
     once (main process; the result is broadcast). Refuses (ConfigError, on every process) what `preview_problems`
     reports."""
@@ -182,7 +202,7 @@ def build_previews(spec: SampleConfig, model_cfg: ModelConfig, model: nn.Module,
                                               else "latents only (no VAE: set train.samples.vae_path)"))
     prompts: List[Tuple[str, PromptSample, Sample]] = []
     if spec.prompts:
-        text_dir, _ = prompt_dirs(spec.text_encoder_path, spec.vae_path, model_cfg.path, *PROMPT_KEYS)
+        text_dir, _ = prompt_dirs(model_cfg.text_encoder_path, spec.vae_path, model_cfg.path, *PROMPT_KEYS)
         encoded = encode(text_dir, vae) if acc.is_main_process else None
         if acc.num_processes > 1:
             encoded = broadcast_object_list([encoded])[0]
@@ -190,4 +210,5 @@ def build_previews(spec: SampleConfig, model_cfg: ModelConfig, model: nn.Module,
         say(f"samples: {len(prompts)} text prompt(s) encoded once with the text encoder in {text_dir} (now freed), "
             "rendered at every preview: " + ", ".join(name for name, _, _ in prompts))
     null_embedding = model.null_condition_emb.detach().float().to(acc.device)
-    return Previews(spec.num, source, max_frames, seed, use_masks, sampler, null_embedding, prompts, vae, log_audio)
+    return Previews(spec.num, source, max_frames, seed, use_masks, sampler, null_embedding, prompts, vae, log_audio,
+                    condition)

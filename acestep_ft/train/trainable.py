@@ -1,8 +1,10 @@
 """Which weights train: a PEFT adapter on the decoder (mode=lora | lokr | loha, train/adapters.py) or the whole
-decoder (mode=full).
+decoder (mode=full), optionally with staged unfreezing that reaches into the condition encoder.
 
 Every mode returns the module the loop calls and optimizes; they differ only in what requires grad and in what a
-save writes (a PEFT adapter directory + its ComfyUI file, or the full model in the official layout).
+save writes (a PEFT adapter directory + its ComfyUI file, or the full model in the official layout). A full
+fine-tune with a condition_encoder stage trains `DecoderAndEncoder`, whose parameter names are the official keys
+(decoder.*, encoder.*); every other full fine-tune trains the decoder itself (names relative to it).
 """
 
 from __future__ import annotations
@@ -24,23 +26,48 @@ from acestep_ft.train.adapters import peft_config, save_adapter, wrap
 ModeConfig = Union[AdapterMode, FullMode]
 
 
+class DecoderAndEncoder(nn.Module):
+    """The trained module of a full fine-tune that also trains the condition encoder: the DiT decoder and the
+    condition encoder under their official key prefixes, so optimizer, parameter groups, EMA, checkpoints and the
+    export see one module. Calling it calls the decoder; the step runs the encoder first (train/conditioning.py)."""
+
+    def __init__(self, decoder: nn.Module, encoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.encoder = encoder
+
+    def forward(self, **kwargs):
+        return self.decoder(**kwargs)
+
+
+def trains_encoder(mode: ModeConfig) -> bool:
+    """A full fine-tune with a mode.unfreeze stage for the condition encoder."""
+    return isinstance(mode, FullMode) and any(s.module == TrainModule.condition_encoder for s in mode.unfreeze)
+
+
+def trained_module(model: nn.Module, mode: FullMode) -> nn.Module:
+    """What a full fine-tune optimizes: `DecoderAndEncoder` when a stage trains the encoder, else the decoder."""
+    return DecoderAndEncoder(model.decoder, model.encoder) if trains_encoder(mode) else model.decoder
+
+
 def make_trainable(model: nn.Module, mode: ModeConfig) -> nn.Module:
-    """Freeze everything, then unfreeze what the mode trains. Returns the decoder to call and optimize.
+    """Freeze everything, then unfreeze what the mode trains. Returns the module to call and optimize.
 
     Adapter modes: the decoder wrapped by PEFT (keys relative to the decoder, as official inference expects); the
     adapter starts fresh (mode.init_adapter is loaded by the caller, `adapters.init_from_adapter`).
-    Full: the decoder itself.
+    Full: the decoder itself, or `DecoderAndEncoder` when a stage trains the condition encoder.
     """
     model.requires_grad_(False)
     match mode:
         case AdapterMode():
             return wrap(model.decoder, peft_config(mode))
         case FullMode():
+            trained = trained_module(model, mode)
             if not mode.unfreeze:
                 model.decoder.requires_grad_(True)
-            for name in unfreeze_starts(model.decoder, mode.unfreeze, steps_per_epoch=1):
-                model.decoder.get_parameter(name).requires_grad_(True)
-            return model.decoder
+            for name in unfreeze_starts(trained, mode.unfreeze, steps_per_epoch=1):
+                trained.get_parameter(name).requires_grad_(True)
+            return trained
     raise TypeError(f"unknown mode config {type(mode).__name__}")
 
 
@@ -57,43 +84,60 @@ def trained_at_load(mode: ModeConfig) -> Callable[[str], bool]:
     """Which model keys `make_trainable` will train (before it runs): loading them in float32 keeps a full
     fine-tune's fp32 checkpoint exact; everything else can load straight into the frozen dtype."""
     if isinstance(mode, FullMode):
-        return lambda key: key.startswith("decoder.")
+        prefixes = ("decoder.", "encoder.") if trains_encoder(mode) else ("decoder.",)
+        return lambda key: key.startswith(prefixes)
     return lambda key: False
 
 
-def unfreeze_starts(decoder: nn.Module, stages: Sequence[UnfreezeStage], steps_per_epoch: int) -> Dict[str, int]:
-    """Staged unfreezing (mode.unfreeze): decoder parameter name -> first optimizer step at which it trains.
+# Where each module's parameters live in the trained module, and what their names look like (for errors).
+_STAGE_NAMES = {TrainModule.decoder: "layers.0.self_attn.q_proj.weight, proj_in.1.weight, time_embed.linear_1.weight",
+                TrainModule.condition_encoder: "lyric_encoder.layers.0.mlp.up_proj.weight, timbre_encoder.embed_tokens"
+                                               ".weight, text_projector.weight"}
 
-    A parameter matched by several stages starts with the earliest. Stages for other modules than the decoder, bad
-    patterns and patterns matching nothing raise ValueError (the config check reports them before any work).
+
+def _stage_module(trained: nn.Module, module: TrainModule) -> Tuple[nn.Module, str]:
+    """(the stage's module inside `trained`, the prefix of its names in `trained`)."""
+    if isinstance(trained, DecoderAndEncoder):
+        return (trained.decoder, "decoder.") if module == TrainModule.decoder else (trained.encoder, "encoder.")
+    if module == TrainModule.decoder:
+        return trained, ""
+    raise ValueError(f"module={module} needs the condition encoder in the trained module (a full fine-tune with a "
+                     "condition_encoder stage builds it)")
+
+
+def unfreeze_starts(trained: nn.Module, stages: Sequence[UnfreezeStage], steps_per_epoch: int) -> Dict[str, int]:
+    """Staged unfreezing (mode.unfreeze): parameter name in `trained` (`trained_module`) -> first optimizer step at
+    which it trains. Patterns are searched in names relative to the stage's module (decoder or condition encoder).
+
+    A parameter matched by several stages starts with the earliest. Bad patterns and patterns matching nothing raise
+    ValueError (the config check reports them before any work).
     """
     starts: Dict[str, int] = {}
     for i, stage in enumerate(stages):
-        if stage.module != TrainModule.decoder:
-            raise ValueError(
-                f"mode.unfreeze[{i}]: module={stage.module}: its outputs come from the dataset (encoder_hidden_states "
-                "are precomputed by the preprocessor), so its weights would never receive a gradient. Remove the "
-                "stage, or train on data that carries the condition encoder's inputs instead of its outputs.")
         try:
             rx = re.compile(stage.pattern)
         except re.error as err:
             raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} is not a valid regex: {err}") from None
         if stage.at_step < 0 or (stage.at_epoch is not None and stage.at_epoch < 0):
             raise ValueError(f"mode.unfreeze[{i}]: at_step={stage.at_step} / at_epoch={stage.at_epoch} must be >= 0")
+        try:
+            module, prefix = _stage_module(trained, stage.module)
+        except ValueError as err:
+            raise ValueError(f"mode.unfreeze[{i}]: {err}") from None
         start = stage.at_step if stage.at_epoch is None else stage.at_epoch * steps_per_epoch
-        matched = [n for n, _ in decoder.named_parameters() if rx.search(n)]
+        matched = [prefix + n for n, _ in module.named_parameters() if rx.search(n)]
         if not matched:
-            raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} matches no decoder parameter (names look "
-                             "like layers.0.self_attn.q_proj.weight, proj_in.1.weight, time_embed.linear_1.weight)")
+            raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} matches no {stage.module} parameter "
+                             f"(names look like {_STAGE_NAMES[stage.module]})")
         for name in matched:
             starts[name] = min(start, starts.get(name, start))
     return starts
 
 
-def held_back(decoder: nn.Module, starts: Dict[str, int]) -> List[Tuple[int, List[nn.Parameter]]]:
+def held_back(trained: nn.Module, starts: Dict[str, int]) -> List[Tuple[int, List[nn.Parameter]]]:
     """(start step, parameters) for the stages that do not train from step 0; see `drop_held_grads`."""
     by_start: Dict[int, List[nn.Parameter]] = {}
-    for name, p in decoder.named_parameters():
+    for name, p in trained.named_parameters():
         if starts.get(name, 0) > 0 and p.requires_grad:
             by_start.setdefault(starts[name], []).append(p)
     return sorted(by_start.items(), key=lambda item: item[0])
@@ -127,15 +171,17 @@ def write_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: 
     its ComfyUI file) or the whole model in the official layout (mode=full: config.json + model.safetensors + the
     official support files it can copy or write; loads in official ACE-Step inference).
 
-    `weights` = the decoder's full state dict (keys of the unwrapped decoder) when the live one is sharded or
-    replaced (EMA); default: the module's own.
+    `weights` = the trained module's full state dict (keys of the unwrapped module: relative to the decoder, or the
+    official decoder.* / encoder.* keys of `DecoderAndEncoder`) when the live one is sharded or replaced (EMA);
+    default: the module's own.
     """
     if isinstance(decoder, PeftModel):
         save_adapter(decoder, directory, dtype, weights, comfyui)
         return Path(directory)
     state = model.state_dict()
     if weights is not None:
-        state.update({f"decoder.{k}": v for k, v in weights.items()})
+        prefix = "" if isinstance(decoder, DecoderAndEncoder) else "decoder."
+        state.update({f"{prefix}{k}": v for k, v in weights.items()})
     return save_full_model(model, directory, dtype=dtype, state=state)
 
 

@@ -41,7 +41,7 @@ def official_dir(root: Path, n: int = 3) -> tuple[Path, list[dict]]:
 
 def test_official_manifest_dir_loads_bf16_as_float32_in_manifest_order(tmp_path):
     root, written = official_dir(tmp_path / "ds")
-    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), encoder_width=H)
+    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), widths=H)
     assert len(src) == 3
     assert src.keys == ["song_0", "song_1", "song_2"]
     for i in range(3):
@@ -81,7 +81,7 @@ def test_sidestep_dir_scans_sorted_pt_and_skips_tmp(tmp_path, with_meta):
     torch.save({"text_hidden_states": torch.zeros(1, 4, 8)}, root / "z.tmp.pt")  # pass-1 intermediate
     if with_meta:
         (root / "preprocess_meta.json").write_text(json.dumps({"variant": "turbo", "checksums": {"a.pt": "0"}}))
-    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), encoder_width=H)
+    src = build_dataset(PreprocessedDataset(path=str(root)), CacheConfig(), widths=H)
     assert src.keys == ["a", "b", "c"]
     for i, name in enumerate(src.keys):
         assert_matches(src[i], written[name], name)
@@ -166,6 +166,6 @@ def test_bool_masks_and_views_become_compact_float32(tmp_path):
 
 def test_lengths_and_condition_lengths_come_from_the_headers(tmp_path):
     root, written = official_dir(tmp_path)
-    src = PtDirectory(root, encoder_width=16)
+    src = PtDirectory(root, widths=16)
     assert src.lengths == [d["target_latents"].shape[0] for d in written]
     assert src.cond_lengths == [d["encoder_hidden_states"].shape[0] for d in written]

@@ -17,7 +17,7 @@ def _assert_same(a: Sample, b: Sample) -> None:
 
 def test_shapes_dtypes_and_lengths_follow_the_config():
     cfg = SyntheticDataset(num_samples=10, min_frames=5, max_frames=9, condition_length=7)
-    samples = make_synthetic_samples(cfg, encoder_width=H)
+    samples = make_synthetic_samples(cfg, widths=H)
     assert len(samples) == 10
     assert len({s.key for s in samples}) == 10
     for s in samples:

@@ -64,3 +64,21 @@ def test_convert_fails_with_the_data_error_naming_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:  # a wrong argument: usage error
         convert_pt_to_v3.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "v3"), "--no-progress"])
     assert stopped.value.code == 2 and "--src" in capsys.readouterr().err
+
+
+def test_convert_keeps_both_condition_sets_and_verifies_each(tmp_path, capsys):
+    from acestep_ft.config import Conditions
+    from acestep_ft.data import ConditionWidths
+    from test_data_conditions import D, inputs_dict
+
+    (tmp_path / "pt").mkdir()
+    written = [inputs_dict(t=10 + i, seed=i, outputs=True, id_dtype=torch.int32, token_ids=True) for i in range(2)]
+    for i, d in enumerate(written):
+        torch.save(d, tmp_path / "pt" / f"s{i}.pt")
+    rc = convert_pt_to_v3.main(["--src", str(tmp_path / "pt"), "--dst", str(tmp_path / "v3"), "--no-progress"])
+    assert rc == 0 and "round trip verified" in capsys.readouterr().out
+    ins = V3Directory(tmp_path / "v3", ConditionWidths(H, D, 100), conditions=Conditions.encoder_inputs)
+    assert ins.carried == [Conditions.encoder_outputs, Conditions.encoder_inputs]
+    assert torch.equal(ins[1].lyric_token_ids, written[1]["lyric_token_ids"].long())
+    assert torch.equal(ins[1].text_token_ids, written[1]["text_token_ids"])
+    assert torch.equal(V3Directory(tmp_path / "v3", H)[0].encoder_hidden_states, written[0]["encoder_hidden_states"])

@@ -123,7 +123,7 @@ def test_a_held_back_fp16_step_closes_the_grad_scaler_step(monkeypatch):
     model, optimizer = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     calls = []
 
-    def loss_nan_first(decoder, *args):
+    def loss_nan_first(decoder, *args, **kwargs):
         calls.append(1)
         out = decoder(torch.randn(2, 4)).mean()
         return out * float("nan") if len(calls) == 1 else out
@@ -131,7 +131,7 @@ def test_a_held_back_fp16_step_closes_the_grad_scaler_step(monkeypatch):
     monkeypatch.setattr(loop, "flow_matching_loss", loss_nan_first)
     batches = SimpleNamespace(next=lambda: (SimpleNamespace(keys=["a", "b"], attention_mask=torch.ones(2, 3)), 0.0))
     parts = SimpleNamespace(accelerator=acc, batches=batches, decoder=model, null_embedding=None, objective=None,
-                            timestep_mu=0.0, timestep_sigma=1.0, held=[], optimizer=optimizer)
+                            timestep_mu=0.0, timestep_sigma=1.0, held=[], optimizer=optimizer, encode=None)
     scale = acc.scaler.get_scale()
     first = loop.accumulate_and_step(parts, 1, list(model.parameters()), 1.0, 0, True)
     second = loop.accumulate_and_step(parts, 1, list(model.parameters()), 1.0, 0, True)

@@ -1,5 +1,7 @@
 """The analytic memory estimate: exact terms where the arithmetic is exact, and within 15% of a traced training step
-(FakeTensorMode + MemTracker, acestep_ft/preflight/trace.py) over a grid of small configs and one real-size one."""
+(FakeTensorMode + MemTracker, acestep_ft/preflight/trace.py) over a grid of small configs and real-size ones, with
+the condition encoder's outputs as data or its inputs (dataset.conditions=encoder_inputs: the encoder runs, frozen
+or trained, in every step)."""
 
 from pathlib import Path
 
@@ -11,8 +13,8 @@ from omegaconf import OmegaConf
 
 from acestep_ft.config import register_configs
 from acestep_ft.model.variants import build_meta_model, param_counts
-from acestep_ft.preflight.estimate import estimate_memory, optimizer_terms, train_set
-from acestep_ft.preflight.trace import trace_peak
+from acestep_ft.preflight.estimate import InputLengths, batch_bytes, estimate_memory, optimizer_terms, train_set
+from acestep_ft.preflight.trace import random_batch, trace_peak
 from acestep_ft.train.trainable import count_parameters, make_trainable
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -22,6 +24,13 @@ register_configs()
 SMALL = ["model.hidden_size=256", "model.intermediate_size=768", "model.num_hidden_layers=4",
          "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.head_dim=64", "model.sliding_window=16",
          "hardware=cpu", "hardware.mixed_precision=bf16", "hardware.device_prefetch=false"]
+
+# the condition encoder runs in the step: frozen (LoRA), all of it trained, or only its lyric encoder
+INPUTS = ["dataset.conditions=encoder_inputs"]
+ENCODER = [*INPUTS, "mode=full", "mode.unfreeze=[{module: condition_encoder, pattern: '.'}]"]
+LYRICS = [*INPUTS, "mode=full", "mode.unfreeze=[{module: condition_encoder, pattern: lyric_encoder}]"]
+OFFICIAL = InputLengths(text=256, lyric=512, refs=1, ref_frames=1)  # the official trainer's padding, L = 769
+LONG_LYRICS = InputLengths(text=32, lyric=256, refs=1, ref_frames=1)
 
 
 def config(*overrides):
@@ -36,7 +45,7 @@ def term(est, name):
 
 def test_full_adamw_state_is_8_bytes_per_decoder_param():
     cfg = config("model=acestep15_turbo", "mode=full")
-    est = estimate_memory(cfg, batch=1, frames=1500, cond_len=769)
+    est = estimate_memory(cfg, batch=1, frames=1500, cond=769)
     decoder = param_counts(cfg.model)["decoder"]
     assert decoder == 1_575_458_880  # ACESTEP15.md
     assert term(est, "optimizer states") == 8 * decoder
@@ -88,6 +97,56 @@ def test_adamw8bit_state_matches_bitsandbytes():
     assert optimizer_terms(cfg, train_set(cfg))[0] == state
 
 
+def test_condition_encoder_weights_table_and_states_are_exact_at_2b():
+    """2B on a GPU preset (frozen weights in bf16): the encoder's trained weights as fp32 masters with AdamW states,
+    its frozen ones and the token table in bf16, the frozen decoder in bf16 (ACESTEP15.md parameter counts)."""
+    lyric, encoder = 404_789_248, 404_789_248 + 201_481_216 + 2_097_152  # + timbre encoder, text_projector
+    full = estimate_memory(config("model=acestep15_turbo", "hardware=h100", *ENCODER), 1, 1500, OFFICIAL)
+    assert term(full, "condition encoder") == 4 * encoder
+    assert term(full, "token table") == 2 * 151_669 * 1024
+    assert term(full, "weights") == 2 * 1_575_458_880  # the decoder stays frozen
+    assert term(full, "optimizer states") == 8 * encoder
+    lyrics = estimate_memory(config("model=acestep15_turbo", "hardware=h100", *LYRICS), 1, 1500, OFFICIAL)
+    assert term(lyrics, "condition encoder") == 4 * lyric + 2 * (encoder - lyric)
+    assert term(lyrics, "optimizer states") == 8 * lyric
+    outputs = estimate_memory(config(*SMALL, "mode=lora"), 1, 1500, 769)  # the encoder stays in host RAM
+    assert not {"condition encoder", "token table"} & {t.name for t in outputs.terms}
+
+
+@pytest.mark.parametrize("overrides", [["mode=lora", *INPUTS], LYRICS, ENCODER])
+def test_trained_encoder_counts_equal_make_trainable(overrides):
+    cfg = config(*SMALL, *overrides)
+    module = make_trainable(build_meta_model(cfg.model), cfg.mode)
+    trainable, _ = count_parameters(module)
+    in_encoder = sum(p.numel() for n, p in module.named_parameters() if p.requires_grad and n.startswith("encoder."))
+    ts = train_set(cfg)
+    assert ts.trainable == trainable and ts.encoder.trainable == in_encoder
+    assert (ts.encoder.lyric[0].trainable > 0) == (overrides != ["mode=lora", *INPUTS])
+    assert (ts.encoder.timbre[0].trainable > 0) == (overrides == ENCODER)
+
+
+@pytest.mark.parametrize("overrides,cond", [(["mode=lora"], 40), (LYRICS, InputLengths(8, 24, 2, 5))])
+def test_batch_bytes_are_the_random_batch(overrides, cond):
+    """The batch term is exactly the bytes of the batch the trace feeds the step (outputs or encoder inputs)."""
+    cfg = config(*SMALL, *overrides)
+    batch = random_batch(cfg, 3, 50, cond)
+    assert batch_bytes(cfg, 3, 50, cond) == sum(t.numel() * t.element_size() for t in batch.tensors())
+
+
+def test_the_condition_must_match_the_data():
+    with pytest.raises(TypeError, match="InputLengths"):
+        estimate_memory(config(*SMALL, *LYRICS), 2, 400, 769)
+    with pytest.raises(TypeError, match="condition length"):
+        estimate_memory(config(*SMALL, "mode=lora"), 2, 400, OFFICIAL)
+
+
+def test_a_trained_encoder_costs_more_with_longer_lyrics_and_references():
+    cfg = config(*SMALL, *ENCODER)
+    base = estimate_memory(cfg, 2, 400, InputLengths(16, 64, 1, 1)).total
+    assert estimate_memory(cfg, 2, 400, InputLengths(16, 256, 1, 1)).total > base
+    assert estimate_memory(cfg, 2, 400, InputLengths(16, 64, 1, 750)).total > base
+
+
 def test_table_lists_every_term_and_the_total():
     est = estimate_memory(config(*SMALL, "mode=lora", "train.ema.enabled=true"), 2, 400, 40)
     table = est.table()
@@ -123,7 +182,7 @@ def test_flex_drops_the_dense_band_and_the_repeated_kv():
     assert term(flex, "weights") == term(sdpa, "weights")
 
 
-# (overrides, batch, frames, cond_len): estimate within 15% of the traced peak
+# (overrides, batch, frames, cond: L or InputLengths): estimate within 15% of the traced peak
 FAST = [
     (["mode=full"], 4, 1000, 80),
     (["mode=lora"], 4, 1000, 80),
@@ -131,6 +190,10 @@ FAST = [
     (["mode=full", "optim=adamw8bit", "train.ema.enabled=true"], 2, 600, 40),
     (["mode=lokr"], 4, 1000, 80),
     (["mode=lora", "model.frozen_dtype=bfloat16"], 4, 1000, 80),  # what auto picks on a CUDA GPU
+    # the condition encoder in the step (2 DiT layers: faster traces), its share made large: short clips, long lyrics
+    (["model.num_hidden_layers=2", "mode=lora", *INPUTS], 2, 200, LONG_LYRICS),
+    (["model.num_hidden_layers=2", *ENCODER], 2, 200, LONG_LYRICS),
+    (["model.num_hidden_layers=2", *LYRICS], 2, 200, LONG_LYRICS),
 ]
 SLOW = [
     (["mode=full"], 1, 800, 40),
@@ -154,28 +217,40 @@ SLOW = [
     (["mode=lokr", "model.frozen_dtype=bfloat16", "hardware.gradient_checkpointing=1"], 4, 1000, 80),
     (["mode=lora", "model.attn_implementation=flex"], 2, 1000, 80),  # traced as SDPA, which holds a bit more
     (["mode=full", "model.frozen_dtype=bfloat16", "mode.unfreeze=[{pattern: 'layers\\.[23]\\.'}]"], 4, 1000, 80),
+    (["mode=lora", *INPUTS], 4, 100, InputLengths(text=256, lyric=1024, refs=1, ref_frames=750)),
+    (["mode=lora", *INPUTS, "model.frozen_dtype=bfloat16"], 4, 1000, InputLengths(16, 64, 1, 1)),
+    (ENCODER, 2, 200, InputLengths(text=256, lyric=512, refs=1, ref_frames=750)),  # real reference audio
+    (LYRICS, 2, 200, InputLengths(text=256, lyric=512, refs=1, ref_frames=750)),
+    ([*ENCODER, "hardware.mixed_precision=no"], 2, 200, InputLengths(256, 512, 1, 750)),
+    ([*ENCODER, "model.frozen_dtype=bfloat16"], 2, 200, InputLengths(256, 512, 1, 750)),
+    ([*ENCODER, "hardware.gradient_checkpointing=1"], 2, 200, InputLengths(256, 512, 1, 750)),
+    ([*ENCODER, "optim=adamw8bit", "train.ema.enabled=true"], 2, 600, InputLengths(64, 256, 1, 1)),
+    ([*ENCODER, "model.attn_implementation=eager"], 2, 600, InputLengths(64, 256, 1, 1)),
+    ([*INPUTS, "mode=full", "mode.unfreeze=[{pattern: '.'},{module: condition_encoder, pattern: '.'}]"], 2, 200,
+     InputLengths(256, 512, 1, 750)),  # decoder and encoder
 ]
 
 
-def check_against_trace(overrides, batch, frames, cond_len, tolerance=0.15):
+def check_against_trace(overrides, batch, frames, cond, tolerance=0.15):
+    """cond: L, or the InputLengths of encoder_inputs data."""
     cfg = config(*overrides)
-    est = estimate_memory(cfg, batch, frames, cond_len)
-    traced = trace_peak(cfg, batch, frames, cond_len)
+    est = estimate_memory(cfg, batch, frames, cond)
+    traced = trace_peak(cfg, batch, frames, cond)
     err = est.total / traced["peak"] - 1
-    assert abs(err) <= tolerance, (f"{overrides} B{batch} T{frames} L{cond_len}: estimate {est.total / 2**20:.1f} "
+    assert abs(err) <= tolerance, (f"{overrides} B{batch} T{frames} {cond}: estimate {est.total / 2**20:.1f} "
                                    f"MiB, trace {traced['peak'] / 2**20:.1f} MiB ({100 * err:+.1f}%)\n{est.table()}"
                                    f"\ntrace: {traced}")
 
 
-@pytest.mark.parametrize("overrides,batch,frames,cond_len", FAST)
-def test_estimate_matches_trace(overrides, batch, frames, cond_len):
-    check_against_trace([*SMALL, *overrides], batch, frames, cond_len)
+@pytest.mark.parametrize("overrides,batch,frames,cond", FAST)
+def test_estimate_matches_trace(overrides, batch, frames, cond):
+    check_against_trace([*SMALL, *overrides], batch, frames, cond)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides,batch,frames,cond_len", SLOW)
-def test_estimate_matches_trace_more(overrides, batch, frames, cond_len):
-    check_against_trace([*SMALL, *overrides], batch, frames, cond_len)
+@pytest.mark.parametrize("overrides,batch,frames,cond", SLOW)
+def test_estimate_matches_trace_more(overrides, batch, frames, cond):
+    check_against_trace([*SMALL, *overrides], batch, frames, cond)
 
 
 @pytest.mark.slow
@@ -183,3 +258,11 @@ def test_estimate_matches_trace_real_size_full():
     """What users run: the 2B decoder, full fine-tuning, bf16, every layer checkpointed (~1 min on 2 CPU cores)."""
     check_against_trace(["model=acestep15_turbo", "mode=full", "hardware=h100", "hardware.gradient_checkpointing=1",
                          "hardware.device_prefetch=false"], 2, 3000, 769)
+
+
+@pytest.mark.slow
+def test_estimate_matches_trace_real_size_encoder():
+    """The 2B condition encoder trained from its inputs (decoder frozen, gradients through it), real reference audio
+    (~2 min on 2 CPU cores)."""
+    check_against_trace(["model=acestep15_turbo", "hardware=h100", "hardware.device_prefetch=false", *ENCODER], 2,
+                        3000, InputLengths(text=256, lyric=512, refs=1, ref_frames=750))

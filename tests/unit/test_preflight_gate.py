@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from acestep_ft.config import flatten, register_configs
 from acestep_ft.distributed import strategy_problems
 from acestep_ft.errors import UserError
+from acestep_ft.preflight.estimate import InputLengths
 from acestep_ft.preflight.gate import (
     GIB, DataShape, config_diff, config_overrides, data_shape, estimate_config, preflight, rewrite_candidates,
     samples_per_step, write_rewrite,
@@ -18,6 +20,9 @@ from conftest import ROOT
 from test_configs import compose_config
 
 LONG = ["dataset.max_frames=6000", "dataset.min_frames=5000", "dataset.num_samples=8"]  # 200-240 s clips
+INPUTS = ["dataset.conditions=encoder_inputs"]  # the condition encoder runs in every step
+BOTH = [*INPUTS, "mode=full", "mode.unfreeze=[{pattern: '.'},{module: condition_encoder, pattern: '.'}]"]
+ENCODER_2B = 404_789_248 + 201_481_216 + 2_097_152  # lyric, timbre encoder, text_projector (ACESTEP15.md)
 
 
 def cfg_of(*overrides):
@@ -225,3 +230,36 @@ def test_every_rewrite_step_prints_overrides_that_compose_to_it():
             seen.update(p[0] for p in pasted)
             assert flatten(cfg_of(*overrides, *pasted)) == flatten(candidate), (name, pasted)
     assert seen >= {"+", "~", "h", "t", "o"}  # added, removed and changed keys all compose
+
+
+def test_encoder_inputs_shape_comes_from_the_data(tmp_path):
+    """Synthetic data: dataset.text_length / lyric_length and one one-frame reference; preprocessed .pt files: the
+    input sizes of the sample with the longest condition Ll + R + Lt."""
+    synthetic = data_shape(cfg_of(*INPUTS, "dataset.text_length=12", "dataset.lyric_length=40"))
+    assert synthetic.inputs == InputLengths(text=12, lyric=40, refs=1, ref_frames=1)
+    assert synthetic.max_cond_len == 53 and synthetic.condition == synthetic.inputs
+    for i, (frames, lyric, refs) in enumerate([(100, 20, 1), (300, 40, 2), (200, 30, 1)]):
+        torch.save({"target_latents": torch.randn(frames, 64), "attention_mask": torch.ones(frames),
+                    "context_latents": torch.randn(frames, 128), "text_hidden_states": torch.randn(8, 32),
+                    "text_attention_mask": torch.ones(8), "lyric_token_ids": torch.randint(0, 256, (lyric,)),
+                    "lyric_attention_mask": torch.ones(lyric), "refer_audio_latents": torch.zeros(refs, 3, 64)},
+                   tmp_path / f"s{i}.pt")  # model=tiny: D_text 32, vocabulary 256
+    shape = data_shape(cfg_of("dataset=preprocessed", f"dataset.path={tmp_path}", *INPUTS))
+    assert sorted(shape.lengths) == [100, 200, 300]
+    assert shape.inputs == InputLengths(text=8, lyric=40, refs=2, ref_frames=3) and shape.max_cond_len == 50
+    assert data_shape(cfg_of("hardware=cpu")).inputs is None  # encoder outputs: L only
+
+
+def test_the_gate_counts_the_condition_encoder():
+    """The encoder and token table are lines of the estimate the gate compares, and a refusal or a rewrite works as
+    for the decoder: the 2B decoder and encoder trained in full do not fit 24 GB with AdamW, but do with 8-bit."""
+    with pytest.raises(UserError) as refused:
+        preflight(cfg_of("model=acestep15_turbo", "hardware=24gb", *BOTH, *LONG), 1)
+    text = str(refused.value)
+    assert "DOES NOT FIT" in text and "condition encoder" in text and "token table" in text
+    cfg = cfg_of("model=acestep15_turbo", "hardware=24gb", *BOTH, "mode.i_understand_vram_risk=true",
+                 "preflight.policy=rewrite", *LONG)
+    verdict = preflight(cfg, 1)
+    assert verdict.fits and any("AdamW8bit" in c for c in verdict.changes) and verdict.cfg.mode == cfg.mode
+    lines = {t.name: t.bytes for t in verdict.estimate.terms}
+    assert lines["condition encoder"] == 4 * ENCODER_2B and lines["token table"] == 2 * 151_669 * 1024

@@ -1,6 +1,7 @@
 """Preprocessing encoders: chunked VAE encoding equals whole-song encoding, sampling equals diffusers', the
 silence context, and digests that are functions of the weights only."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -69,8 +70,28 @@ def test_digests_do_not_depend_on_the_compute_dtype_and_a_missing_model_path_is_
     tok.add_tokens(["newword"])
     assert tokenizer_digest(tok) != before
     with pytest.raises(ConfigError, match="model.path is required"):
-        component_paths(None, pre)
+        component_paths(replace(model, path=None), pre)
     with pytest.raises(ConfigError, match="preprocess.vae_path"):
-        component_paths(str(dit), replace(pre, vae_path=str(tmp_path / "nope")))
+        component_paths(model, replace(pre, vae_path=str(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="model.path"):  # a DiT directory that does not exist
-        component_paths(str(tmp_path / "nope" / "dit"), replace(pre, vae_path=str(dit.parent / "vae")))
+        component_paths(replace(model, path=str(tmp_path / "nope" / "dit")),
+                        replace(pre, vae_path=str(dit.parent / "vae")))
+    wrong_text = re.escape(f"text encoder: {tmp_path / 'qwen'} (set model.text_encoder_path)")
+    with pytest.raises(ConfigError, match=wrong_text):
+        component_paths(replace(model, text_encoder_path=str(tmp_path / "qwen")), pre)
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from acestep_ft.preprocess.encoders import load_text_encoder
+    from test_preprocess import tiny_text_encoder
+
+    tiny_text_encoder(tmp_path, hidden=32)
+    tokenizer, model = load_text_encoder(tmp_path, 32, "model.text_encoder_path")
+    assert len(tokenizer) == model.get_input_embeddings().weight.shape[0]
+    grown = AutoTokenizer.from_pretrained(str(tmp_path))
+    grown.add_tokens(["beyond"])  # an id the embedding table has no row for
+    grown.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens but the text encoder's embedding table only"):
+        load_text_encoder(tmp_path, 32, "model.text_encoder_path")

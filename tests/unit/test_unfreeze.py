@@ -22,7 +22,7 @@ def test_starts_per_parameter():
 
 
 @pytest.mark.parametrize("stage,message", [
-    (UnfreezeStage(module=TrainModule.condition_encoder), "encoder_hidden_states are precomputed"),
+    (UnfreezeStage(module=TrainModule.condition_encoder), "needs the condition encoder in the trained module"),
     (UnfreezeStage(pattern="nope_not_a_layer"), "matches no decoder parameter"),
     (UnfreezeStage(pattern="(unclosed"), "not a valid regex"),
 ])
