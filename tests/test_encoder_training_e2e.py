@@ -74,3 +74,24 @@ def test_frozen_encoder_on_stored_inputs_trains_like_the_stored_outputs_of_the_s
     run_train(tmp_path / "outputs", *common, "dataset.conditions=encoder_outputs")
     run_train(tmp_path / "inputs", *common, "dataset.conditions=encoder_inputs")
     assert len(losses(tmp_path / "inputs")) == 5 and losses(tmp_path / "inputs") == losses(tmp_path / "outputs")
+
+
+@pytest.mark.slow  # a two-process run; CI runs it
+def test_two_process_ddp_run_keeps_the_trained_encoder_replicas_equal(tmp_path):
+    """The encoder runs in the step, outside the DDP-wrapped module's forward: its gradients are still reduced (the
+    replica digest covers the encoder's weights), and no trained weight is left without a gradient (the 2B timbre
+    CLS token, which no forward reads, is not trained)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_e2e import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "hardware=cpu", *COMMON, "dataset.num_samples=10", "hardware.batch_size=2",
+           "mode.unfreeze=[{pattern: 'layers\\.1\\.'}, {module: condition_encoder, pattern: '.', at_step: 2}]",
+           f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "replicas: the trained weights agree on all 2 processes" in proc.stdout and len(losses(tmp_path)) == 6

@@ -21,6 +21,7 @@ from torch import nn
 from acestep_ft.atomic import atomic_directory
 from acestep_ft.config import AdapterMode, FullMode, TrainModule, UnfreezeStage
 from acestep_ft.model.checkpoint_io import save_full_model
+from acestep_ft.model.encoder import AceStepConditionEncoder
 from acestep_ft.train.adapters import peft_config, save_adapter, wrap
 
 ModeConfig = Union[AdapterMode, FullMode]
@@ -95,6 +96,14 @@ _STAGE_NAMES = {TrainModule.decoder: "layers.0.self_attn.q_proj.weight, proj_in.
                                                ".weight, text_projector.weight"}
 
 
+def _never_used(module: nn.Module) -> set:
+    """Parameters of a stage's module that no forward pass reads, so they could never get a gradient (and a DDP
+    reducer would wait for one): the 2B timbre encoder's `special_token` (only XL prepends it)."""
+    if isinstance(module, AceStepConditionEncoder) and not module.timbre_encoder.use_special_token:
+        return {"timbre_encoder.special_token"}
+    return set()
+
+
 def _stage_module(trained: nn.Module, module: TrainModule) -> Tuple[nn.Module, str]:
     """(the stage's module inside `trained`, the prefix of its names in `trained`)."""
     if isinstance(trained, DecoderAndEncoder):
@@ -125,7 +134,8 @@ def unfreeze_starts(trained: nn.Module, stages: Sequence[UnfreezeStage], steps_p
         except ValueError as err:
             raise ValueError(f"mode.unfreeze[{i}]: {err}") from None
         start = stage.at_step if stage.at_epoch is None else stage.at_epoch * steps_per_epoch
-        matched = [prefix + n for n, _ in module.named_parameters() if rx.search(n)]
+        unused = _never_used(module)
+        matched = [prefix + n for n, _ in module.named_parameters() if rx.search(n) and n not in unused]
         if not matched:
             raise ValueError(f"mode.unfreeze[{i}].pattern={stage.pattern!r} matches no {stage.module} parameter "
                              f"(names look like {_STAGE_NAMES[stage.module]})")
