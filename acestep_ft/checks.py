@@ -29,6 +29,7 @@ from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.preflight.gate import world_size_from_env
 from acestep_ft.train.checkpoint import TrainingState, check_resume, read_state, signature
+from acestep_ft.train.conditioning import random_table, text_encoder_dir
 from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
 from acestep_ft.train.optim import optimizer_problems, param_groups
 from acestep_ft.train.previews import preview_problems
@@ -171,11 +172,17 @@ def init_adapter_problems(mode: AdapterMode) -> List[str]:
 
 
 def encoder_training_problems(cfg: Config) -> List[str]:
-    """A condition_encoder stage needs data that carries the encoder's inputs, and (for now) one replica of the
-    weights per process."""
-    if not trains_encoder(cfg.mode):
-        return []
+    """Data that carries the encoder's inputs needs the text encoder's token table (found before any weights load);
+    a condition_encoder stage needs such data, and (for now) one replica of the weights per process."""
     problems = []
+    if cfg.dataset.conditions == Conditions.encoder_inputs and not random_table(cfg.model):
+        try:
+            text_encoder_dir(cfg.model)
+        except ConfigError as err:
+            problems.append(f"dataset.conditions=encoder_inputs embeds lyric ids with the text encoder's token table: "
+                            f"{err}")
+    if not trains_encoder(cfg.mode):
+        return problems
     if cfg.dataset.conditions != Conditions.encoder_inputs:
         problems.append("mode.unfreeze has a condition_encoder stage, but dataset.conditions=encoder_outputs: the data "
                         "holds the encoder's outputs (encoder_hidden_states), so its weights would never receive a "

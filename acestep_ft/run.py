@@ -49,7 +49,7 @@ from acestep_ft.train.adapters import COMFYUI_FILE, init_from_adapter
 from acestep_ft.train.checkpoint import (
     TrainingState, apply_optimizer_settings, capture_rng, load_weights, restore_rng, save_checkpoint, signature,
 )
-from acestep_ft.train.conditioning import Conditioner, load_token_table, text_encoder_dir
+from acestep_ft.train.conditioning import Conditioner, load_token_table, random_table, text_encoder_dir
 from acestep_ft.train.early_stop import EarlyStopping
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.evaluate import ValidationSet, validation_loss
@@ -193,8 +193,7 @@ def condition_encoder(cfg: Config, model: nn.Module, frozen: torch.dtype, acc: A
     trained = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     say(f"conditions: the condition encoder runs in every step ({trained:,} of its parameters train) on lyric ids "
         f"embedded with the text encoder's table of {conditioner.table.shape[0]:,} tokens "
-        + ("(random: model.path is not set)" if cfg.model.path is None and cfg.model.text_encoder_path is None
-           else f"from {text_encoder_dir(cfg.model)}"))
+        + ("(random: model.path is not set)" if random_table(cfg.model) else f"from {text_encoder_dir(cfg.model)}"))
 
     def encode(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         with acc.autocast():

@@ -34,6 +34,11 @@ RANDOM_TABLE_SEED = 20240501               # random-init models (model.path None
 RANDOM_TABLE_STD = 0.02                    # the transformers init of an embedding
 
 
+def random_table(model_cfg: Any) -> bool:
+    """A random-init model (model.path None) without a text encoder given gets a fixed random token table."""
+    return model_cfg.path is None and model_cfg.text_encoder_path is None
+
+
 def text_encoder_dir(model_cfg: Any) -> Path:
     """model.text_encoder_path, else <model.path>/../Qwen3-Embedding-0.6B; ConfigError when neither exists."""
     found = sibling_dir(model_cfg.text_encoder_path, model_cfg.path, TEXT_ENCODER_DIR, "model.text_encoder_path",
@@ -58,7 +63,7 @@ def load_token_table(model_cfg: Any, dtype: torch.dtype) -> Tensor:
     """The text encoder's token embedding table [V, D_text] in `dtype`: read from its safetensors (only this tensor
     is read), or, for a random-init model (model.path None and no model.text_encoder_path), a fixed random table of
     model.text_vocab_size rows. Its width must be model.text_hidden_dim."""
-    if model_cfg.path is None and model_cfg.text_encoder_path is None:
+    if random_table(model_cfg):
         g = torch.Generator().manual_seed(RANDOM_TABLE_SEED)
         table = torch.randn(model_cfg.text_vocab_size, model_cfg.text_hidden_dim, generator=g) * RANDOM_TABLE_STD
         return table.to(dtype)
