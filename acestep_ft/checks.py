@@ -33,6 +33,7 @@ from acestep_ft.train.conditioning import random_table, text_encoder_dir
 from acestep_ft.train.lifecycle import choose_checkpoint, relaunch_problem
 from acestep_ft.train.optim import optimizer_problems, param_groups
 from acestep_ft.train.previews import preview_problems
+from acestep_ft.train.text_encoder import meta_text_model, text_lora_problem, trains_text_encoder
 from acestep_ft.train.trainable import make_trainable, trained_module, trains_encoder, unfreeze_starts
 
 
@@ -181,6 +182,7 @@ def encoder_training_problems(cfg: Config) -> List[str]:
         except ConfigError as err:
             problems.append(f"dataset.conditions=encoder_inputs embeds lyric ids with the text encoder's token table: "
                             f"{err}")
+    problems += text_encoder_problems(cfg)
     if not trains_encoder(cfg.mode):
         return problems
     if cfg.dataset.conditions != Conditions.encoder_inputs:
@@ -191,6 +193,34 @@ def encoder_training_problems(cfg: Config) -> List[str]:
     if cfg.hardware.distributed in (Distributed.fsdp, Distributed.deepspeed):
         problems.append(f"hardware.distributed={cfg.hardware.distributed} with a condition_encoder stage is not "
                         "supported yet (the encoder runs outside the sharded decoder): use hardware.distributed=ddp.")
+    return problems
+
+
+def text_encoder_problems(cfg: Config) -> List[str]:
+    """mode.text_encoder=lora runs the text encoder in the step: it needs data that carries the caption's token ids,
+    the text encoder's directory, and one replica of the weights per process."""
+    if not trains_text_encoder(cfg.mode):
+        return []
+    problems = []
+    if cfg.dataset.conditions != Conditions.encoder_inputs:
+        problems.append("mode.text_encoder=lora runs the text encoder on the caption's token ids, but dataset."
+                        "conditions=encoder_outputs holds the condition encoder's outputs. Fix: dataset.conditions="
+                        "encoder_inputs with data preprocessed with preprocess.store=inputs or both.")
+    try:
+        text_encoder_dir(cfg.model)
+    except ConfigError as err:
+        problems.append(f"mode.text_encoder=lora trains a LoRA on the text encoder: {err}")
+    else:
+        problems += [p for p in [text_lora_problem(cfg.model, cfg.mode)] if p]
+    if cfg.model.text_encoder_adapter is not None:
+        problems.append(f"mode.text_encoder=lora trains a fresh LoRA on the base text encoder, and model."
+                        f"text_encoder_adapter={cfg.model.text_encoder_adapter} would merge another one under it. "
+                        "Fix: model.text_encoder_adapter=null for training (it is for preprocessing, previews and "
+                        "generate).")
+    if cfg.hardware.distributed in (Distributed.fsdp, Distributed.deepspeed):
+        problems.append(f"hardware.distributed={cfg.hardware.distributed} with mode.text_encoder=lora is not "
+                        "supported yet (the text encoder runs outside the sharded decoder): use hardware.distributed="
+                        "ddp.")
     return problems
 
 
@@ -205,7 +235,8 @@ def check_resume_config(cfg: Config, path: Path, world_size: int, say: Callable[
     """Read the checkpoint's training state (memory-mapped) and refuse a resume into another setup before any weights
     load: mode, trained tensors and optimizer groups come from the configured model on the meta device."""
     state = read_state(path)
-    decoder = make_trainable(build_meta_model(cfg.model), cfg.mode)
+    text = meta_text_model(cfg.model) if trains_text_encoder(cfg.mode) else None
+    decoder = make_trainable(build_meta_model(cfg.model), cfg.mode, text)
     groups = [(g["name"], len(g["params"])) for g in param_groups(decoder, cfg.optim)]
     flat = flat_config(cfg, world_size)
     defaults = {k: field_default(cfg, k) for k in flat if k not in state.config}  # settings newer than the checkpoint

@@ -40,6 +40,11 @@ class StoreConditions(StrEnum):
     both = "both"
 
 
+class TextEncoderTraining(StrEnum):
+    frozen = "frozen"
+    lora = "lora"
+
+
 class LyricFormat(StrEnum):
     raw = "raw"
     official_template = "official_template"
@@ -167,6 +172,10 @@ class ModelConfig:
     """Text encoder + tokenizer directory (transformers Qwen3-Embedding-0.6B) for preprocessing, text prompts and the
     lyric embedding table of encoder_inputs data; None = <model.path>/../Qwen3-Embedding-0.6B (the official
     checkpoint layout)."""
+    text_encoder_adapter: Optional[str] = None
+    """A trained text-encoder LoRA (a PEFT adapter directory: a run's export/text_encoder/, written with
+    mode.text_encoder=lora) merged into the text encoder wherever it is loaded: preprocessing, text prompts of
+    previews and `python -m acestep_ft.generate`. None = the text encoder as it is."""
     timbre_hidden_dim: int = 64
     """Reference-audio latent channels."""
     timbre_fix_frame: int = 750
@@ -214,7 +223,35 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterMode:
+class TextLora:
+    """A PEFT LoRA on the Qwen3 text encoder (mode.text_encoder=lora)."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes matched inside the text encoder (PEFT semantics; Qwen3: q/k/v/o_proj, gate/up/down_proj)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+
+@dataclass
+class TextEncoderMode:
+    """What every mode shares about the text encoder (Qwen3-Embedding-0.6B, which turns the caption prompt into the
+    condition encoder's text input)."""
+
+    text_encoder: TextEncoderTraining = TextEncoderTraining.frozen
+    """frozen: the caption's text hidden states come from the data as stored. lora: a LoRA (mode.text_lora) on the
+    text encoder trains with the rest; every step runs the text encoder on the caption's token ids (needs
+    dataset.conditions=encoder_inputs on data with text_token_ids: preprocess.store=inputs or both). The adapter is
+    saved beside the trained weights as text_encoder/ (a PEFT directory; model.text_encoder_adapter uses it)."""
+    text_lora: TextLora = field(default_factory=TextLora)
+    """The text-encoder LoRA (with text_encoder=lora)."""
+
+
+@dataclass
+class AdapterMode(TextEncoderMode):
     """What every adapter mode shares: where adapters go on the DiT decoder, their size, and where they start."""
 
     rank: int = 64
@@ -288,7 +325,7 @@ class UnfreezeStage:
 
 
 @dataclass
-class FullMode:
+class FullMode(TextEncoderMode):
     """Train every weight of the DiT decoder; condition encoder, tokenizer and detokenizer frozen."""
 
     name: ClassVar[str] = "full"

@@ -40,6 +40,7 @@ from acestep_ft.preprocess.prompts import encode_prompts
 from acestep_ft.train.flow_sampler import resolve_sampler
 from acestep_ft.train.previews import prompt_dirs, render_prompt
 from acestep_ft.train.sample_audio import decode_latents, load_vae, vae_rate, wav_bytes
+from acestep_ft.train.text_encoder import TEXT_ADAPTER_DIR
 
 register_configs()
 _started = False  # set once Hydra has composed the config and runs main()
@@ -112,6 +113,11 @@ def generate(cfg: GenerateRoot, say: Callable[[str], None] = print) -> Path:
     if problems:
         raise ConfigError("\n".join(problems))
     sampler = resolve_sampler(cfg.sampler, cfg.model.is_turbo)
+    for trained in {cfg.adapter, cfg.model.path} - {None}:  # a run's export with a text-encoder LoRA beside it
+        beside = Path(os.path.expanduser(trained)) / TEXT_ADAPTER_DIR
+        if beside.is_dir() and cfg.model.text_encoder_adapter is None:
+            say(f"note: {beside} holds the text-encoder LoRA trained with these weights; pass "
+                f"model.text_encoder_adapter={beside} to render with it (now: the text encoder as it is)")
     text_dir, vae_dir = prompt_dirs(cfg.model.text_encoder_path, cfg.vae_path, cfg.model.path,
                                     "model.text_encoder_path", "vae_path")
     cuda = torch.cuda.is_available()
@@ -130,6 +136,8 @@ def generate(cfg: GenerateRoot, say: Callable[[str], None] = print) -> Path:
         prompt = PromptSample(caption=cfg.prompt, lyrics=cfg.lyrics, duration=cfg.duration, seed=cfg.seed)
         encoded = encode_prompts([prompt], model, cfg.model, text_dir, vae, device, dtype, "model.text_encoder_path")[0]
         adapter = "adapter: none" if adapter_dir is None else apply_adapter(model.decoder, adapter_dir, cfg.adapter)
+        if cfg.model.text_encoder_adapter is not None:
+            adapter += f"; text encoder: the LoRA in {cfg.model.text_encoder_adapter} merged"
     model.decoder.to(device=device, dtype=dtype).eval()  # the adapter's tensors too
     loaded = time.perf_counter()
 

@@ -60,9 +60,10 @@ from acestep_ft.train.optim import (build_optimizer, build_scheduler, evaluation
                                     param_groups)
 from acestep_ft.train.previews import build_previews, data_settings
 from acestep_ft.train.step import Encode
+from acestep_ft.train.text_encoder import TEXT_ADAPTER_DIR, load_text_model, trains_text_encoder
 from acestep_ft.train.trainable import (
-    cast_frozen_, count_parameters, export_trained, held_back, make_trainable, trained_at_load, unfreeze_starts,
-    write_trained,
+    cast_frozen_, count_parameters, export_trained, held_back, make_trainable, parts_of, text_encoder_of,
+    trained_at_load, unfreeze_starts, write_trained,
 )
 
 
@@ -118,7 +119,7 @@ def evaluation_hooks(cfg: Config, acc: Accelerator, model: nn.Module, decoder: n
         def encode_prompt_texts(text_dir: Path, vae: Any) -> List[Sample]:  # the prompts, once, on the main process
             dtype = COMPUTE.get(str(acc.mixed_precision), torch.float32)
             return encode_prompts(cfg.train.samples.prompts, model, cfg.model, text_dir, vae, acc.device, dtype,
-                                  "model.text_encoder_path", data_settings(cfg.dataset))
+                                  "model.text_encoder_path", data_settings(cfg.dataset), inputs=encode is not None)
 
         previews = build_previews(cfg.train.samples, cfg.model, model, acc, val_source or train_source,
                                   seconds_to_frames(cfg.dataset.max_seconds), cfg.train.seed,
@@ -184,16 +185,24 @@ def finish_run(cfg: Config, acc: Accelerator, model: nn.Module, decoder: nn.Modu
                   f"run directory {run_dir.resolve()}")
 
 
-def condition_encoder(cfg: Config, model: nn.Module, frozen: torch.dtype, acc: Accelerator, say) -> Optional[Encode]:
-    """For dataset.conditions=encoder_inputs: the condition encoder and the text encoder's token table on the device,
-    called under the run's autocast (train/conditioning.py); None for data that holds the encoder's outputs."""
+def condition_encoder(cfg: Config, model: nn.Module, trained: nn.Module, frozen: torch.dtype, acc: Accelerator,
+                      say) -> Optional[Encode]:
+    """For dataset.conditions=encoder_inputs: the condition encoder, the text encoder's token table and (mode.
+    text_encoder=lora) the trained text encoder of `trained` on the device, called under the run's autocast
+    (train/conditioning.py); None for data that holds the encoder's outputs."""
     if cfg.dataset.conditions != Conditions.encoder_inputs:
         return None
-    conditioner = Conditioner(model.encoder, load_token_table(cfg.model, frozen)).to(acc.device)
-    trained = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
-    say(f"conditions: the condition encoder runs in every step ({trained:,} of its parameters train) on lyric ids "
+    text = text_encoder_of(trained)
+    conditioner = Conditioner(model.encoder, load_token_table(cfg.model, frozen), text).to(acc.device)
+    count = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    say(f"conditions: the condition encoder runs in every step ({count:,} of its parameters train) on lyric ids "
         f"embedded with the text encoder's table of {conditioner.table.shape[0]:,} tokens "
         + ("(random: model.path is not set)" if random_table(cfg.model) else f"from {text_encoder_dir(cfg.model)}"))
+    if text is not None:
+        lora = sum(p.numel() for p in text.parameters() if p.requires_grad)
+        say(f"conditions: the text encoder runs in every step on the caption token ids with a LoRA of {lora:,} "
+            f"parameters (mode.text_encoder=lora, rank {cfg.mode.text_lora.rank}); its adapter is saved as "
+            f"{TEXT_ADAPTER_DIR}/ beside the trained weights")
 
     def encode(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         with acc.autocast():
@@ -293,10 +302,13 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
     frozen = getattr(torch, resolve_frozen_dtype(cfg.model, cfg.hardware, on_cpu, precision, acc.num_processes))
     model = load_model(cfg.model, dtype=frozen, float32_keys=trained_at_load(cfg.mode))
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
-    decoder = make_trainable(model, cfg.mode)
-    cast_frozen_(model, frozen)  # the adapter and any trained weight in float32, the rest stays `frozen`
+    text_model = load_text_model(cfg.model) if trains_text_encoder(cfg.mode) else None
+    decoder = make_trainable(model, cfg.mode, text_model)
+    for module in (model, text_model):  # the adapters and any trained weight in float32, the rest stays `frozen`
+        if module is not None:
+            cast_frozen_(module, frozen)
     if isinstance(cfg.mode, AdapterMode) and cfg.mode.init_adapter is not None and state is None:
-        print0(init_from_adapter(decoder, cfg.mode.init_adapter, cfg.model))
+        print0(init_from_adapter(dict(parts_of(decoder))["decoder."], cfg.mode.init_adapter, cfg.model))
     if cfg.hardware.compile:
         print0(f"compile: {compile_layers(decoder, acc.device)} DiT layers compiled one by one (hardware.compile=true, "
                "dynamic shapes): the first training step compiles them, the first validation and the first batch of "
@@ -305,9 +317,12 @@ def _train(cfg: Config, run_dir: Path, launch: Launch, resume_from: Optional[Pat
         # random init (model=tiny) or new LoRA matrices differ per process: make every process start from rank 0's
         # (DDP does this for the decoder itself, but not for null_condition_emb; FSDP2 not at all)
         broadcast_module_(model if cfg.model.path is None else decoder)
-    encode = condition_encoder(cfg, model, frozen, acc, print0)
+    encode = condition_encoder(cfg, model, decoder, frozen, acc, print0)
     trainable, total = count_parameters(model)
-    on_device = "the decoder and the condition encoder go" if encode is not None else "the decoder goes"
+    if text_model is not None:  # its LoRA trains with the rest
+        trainable += count_parameters(text_model)[0]
+    on_device = ("the decoder and the condition encoder go" if text_model is None else "the decoder, the condition "
+                 "encoder and the text encoder go") if encode is not None else "the decoder goes"
     print0(f"model {cfg.model.variant}: {total / 1e6:.2f}M params, mode={cfg.mode.name}: "
            f"{trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%, float32), frozen weights in "
            f"{str(frozen).replace('torch.', '')} (model.frozen_dtype={cfg.model.frozen_dtype}); only {on_device} "

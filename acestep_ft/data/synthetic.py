@@ -172,11 +172,14 @@ def _outputs_condition(params: Tensor, g: torch.Generator, cfg: SyntheticDataset
 
 def _inputs_condition(params: Tensor, g: torch.Generator, cfg: SyntheticDataset, parts: _InputParts,
                       widths: ConditionWidths) -> dict[str, Tensor]:
-    """The condition encoder's inputs: caption states [Lt, D], lyric ids [Ll], one zero reference [1, 1, 64]."""
+    """The condition encoder's inputs: caption states [Lt, D] and token ids [Lt] (spelling the parameters in another
+    order than the lyrics; what mode.text_encoder=lora runs the text encoder on), lyric ids [Ll], one zero reference
+    [1, 1, 64]."""
     text = (params @ parts.proj)[None, :] + parts.token_pattern                    # [Lt, D]
     text = text + CONDITION_NOISE * torch.randn(cfg.text_length, widths.text, generator=g)
     return {"text_hidden_states": text.float().contiguous(),
             "text_attention_mask": torch.ones(cfg.text_length, dtype=torch.float32),
+            "text_token_ids": lyric_ids(params.flip(0), cfg.text_length, widths.vocab),
             "lyric_token_ids": lyric_ids(params, cfg.lyric_length, widths.vocab),
             "lyric_attention_mask": torch.ones(cfg.lyric_length, dtype=torch.float32),
             "refer_audio_latents": torch.zeros(1, 1, LATENT_CHANNELS)}
@@ -188,7 +191,8 @@ def make_synthetic_samples(cfg: SyntheticDataset, widths: int | ConditionWidths)
     `widths`: H_enc (an int; encoder_outputs only) or ConditionWidths (required for encoder_inputs). Shapes (float32
     unless noted): target_latents [T, 64], attention_mask [T] ones, context_latents [T, 128]; encoder_outputs:
     encoder_hidden_states [condition_length, H_enc], encoder_attention_mask ones; encoder_inputs: text_hidden_states
-    [text_length, D_text], text_attention_mask ones, lyric_token_ids [lyric_length] int64 in [0, vocab),
+    [text_length, D_text], text_attention_mask ones, text_token_ids [text_length] and lyric_token_ids [lyric_length]
+    int64 in [0, vocab),
     lyric_attention_mask ones, refer_audio_latents zeros [1, 1, 64].
     """
     encoder_width = encoder_width_of(widths)

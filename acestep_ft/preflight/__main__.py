@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
-from acestep_ft.config import register_configs, to_typed
+from acestep_ft.config import TextEncoderTraining, register_configs, to_typed
 from acestep_ft.errors import ConfigError, UserError, reported_errors
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"cannot read the dataset's lengths: {err}") from err
         inputs = shape.inputs
         encoder = ("" if inputs is None else f": the condition encoder runs on captions of {inputs.text}, lyrics of "
-                   f"{inputs.lyric} tokens and {inputs.refs} reference(s) of {inputs.ref_frames} frame(s)")
+                   f"{inputs.lyric} tokens and {inputs.refs} reference(s) of {inputs.ref_frames} frame(s)"
+                   + (", the text encoder with its LoRA on the captions' token ids"
+                      if cfg.mode.text_encoder == TextEncoderTraining.lora else ""))
         print(f"model {cfg.model.variant}, mode={cfg.mode.name}, {args.world_size} process(es), data: {shape.where} "
               f"(longest clip {max(shape.lengths)} frames = {max(shape.lengths) / 25:.1f} s, condition "
               f"{shape.max_cond_len} tokens{encoder})")

@@ -1,4 +1,4 @@
-"""Saved activations and working sets of the transformer stacks (DiT layers and condition-encoder layers), pure
+"""Saved activations and working sets of the transformer stacks (DiT, condition-encoder and text-encoder layers), pure
 functions of shapes: what autograd keeps per op (RMSNorm, attention, Linears with their adapters, SwiGLU) for one
 layer, what one layer's backward and forward allocate besides that. Symbols as in estimate.py's docstring."""
 
@@ -108,10 +108,11 @@ def reads_input(kind: str, dropout: bool) -> bool:
 
 
 def _o_proj(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], name: str, rank: int,
-            dropout: bool, in_grad: bool = True) -> Tuple[int, int]:
-    """o_proj reads the attention output: a view of it for SDPA (already counted), a row-major copy for eager."""
+            dropout: bool, in_grad: bool = True, o_copy: bool = False) -> Tuple[int, int]:
+    """o_proj reads the attention output: a view of it for SDPA (already counted), a row-major copy for eager and
+    where `o_copy` (transformers makes the output row-major again, or the adapter casts its own copy)."""
     act, cast = _linears(s, lt, lin, (name,), s.M, in_grad, True, rank, dropout)
-    if s.eager and reads_input(lt.linears[name], dropout):
+    if (s.eager or o_copy) and reads_input(lt.linears[name], dropout):
         act += s.a * s.M * s.Q
     return act, cast
 
@@ -128,16 +129,16 @@ QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 def _self_attention(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank: int, dropout: bool,
-                    h_grad: bool, bias_rows: int, copies: bool = False) -> Tuple[int, int]:
+                    h_grad: bool, bias_rows: int, copies: bool = False, o_copy: bool = False) -> Tuple[int, int]:
     """(saved, frozen-weight casts) of self-attention on h [M, H]: q, k, v -> q/k RMSNorm -> RoPE -> attention ->
     o_proj. h_grad: h needs a gradient; bias_rows: rows of the a-bias SDPA makes of a boolean mask (0: no mask);
-    copies: see `_linears`."""
+    copies: see `_linears`; o_copy: see `_o_proj`."""
     act = norm_cost(s.M, s.Q, s.Q // s.heads, s.a, lt.norms, h_grad or _trains(lt, QKV[0]))
     act += norm_cost(s.M, s.V, s.Q // s.heads, s.a, lt.norms, h_grad or _trains(lt, QKV[1]))
     needs = h_grad or _trains(lt, *QKV)
     act += _attention(s, s.M, s.M, s.N, s.N, bias_rows, s.flex) if needs else 0
     return _sum((act, 0), _linears(s, lt, lin, QKV, s.M, h_grad, False, rank, dropout, copies),
-                _o_proj(s, lt, lin, "self_attn.o_proj", rank, dropout, needs))
+                _o_proj(s, lt, lin, "self_attn.o_proj", rank, dropout, needs, o_copy))
 
 
 def _mlp(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank: int, dropout: bool,
@@ -185,18 +186,34 @@ def layer_cost(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], rank: 
     return _sum((act, 0), self_attn, *cross, mlp)
 
 
+def _prenorm_layer(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], in_grad: bool, bias_rows: int,
+                   rank: int, dropout: bool, copies: bool, o_copy: bool) -> Tuple[int, int]:
+    """(saved, frozen-weight casts) of a pre-norm layer: x += attn(norm(x)); x += mlp(norm(x)), rows M = s.B * s.N."""
+    act = norm_cost(s.M, s.H, s.H, s.a, lt.norms, in_grad)
+    h_grad = in_grad or lt.norms
+    attn = _self_attention(s, lt, lin, rank, dropout, h_grad, bias_rows, copies, o_copy)
+    x_grad = h_grad or _trains(lt, *QKV, "self_attn.o_proj")
+    act += norm_cost(s.M, s.H, s.H, s.a, lt.norms, x_grad)
+    return _sum((act, 0), attn, _mlp(s, lt, lin, rank, dropout, x_grad or lt.norms, copies))
+
+
 def encoder_layer_cost(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], in_grad: bool,
                        bias_rows: int) -> Tuple[int, int]:
     """(saved activation bytes, frozen-weight-cast bytes) of one condition-encoder layer (pre-norm: x += attn(norm(x));
     x += mlp(norm(x))), rows M = s.B * s.N. Unlike the DiT's, its RMSNorm outputs stay in the weight's dtype (fp32
     when trained or frozen in fp32), so under autocast each Linear keeps its own a-copy of its input."""
     copies = s.a != F32 and (lt.norms or s.frozen_cast)
-    act = norm_cost(s.M, s.H, s.H, s.a, lt.norms, in_grad)
-    h_grad = in_grad or lt.norms
-    attn = _self_attention(s, lt, lin, 0, False, h_grad, bias_rows, copies)
-    x_grad = h_grad or _trains(lt, *QKV, "self_attn.o_proj")
-    act += norm_cost(s.M, s.H, s.H, s.a, lt.norms, x_grad)
-    return _sum((act, 0), attn, _mlp(s, lt, lin, 0, False, x_grad or lt.norms, copies))
+    return _prenorm_layer(s, lt, lin, in_grad, bias_rows, 0, False, copies, False)
+
+
+def text_layer_cost(s: Shape, lt: LayerTrain, lin: Dict[str, Tuple[int, int]], in_grad: bool, rank: int,
+                    dropout: bool) -> Tuple[int, int]:
+    """(saved activation bytes, frozen-weight-cast bytes) of one layer of the transformers Qwen3 text encoder with a
+    PEFT LoRA (mode.text_encoder=lora), pre-norm as the condition encoder's, rows M = s.B * s.N caption tokens.
+    PEFT casts each adapter's input to the LoRA's fp32 before autocast casts it back, so under autocast every
+    adapted Linear keeps its own a-copy of its input; transformers makes the attention output row-major again
+    (.transpose().contiguous()), so a LoRA on o_proj keeps a copy of it besides the one the kernel keeps."""
+    return _prenorm_layer(s, lt, lin, in_grad, 0, rank, dropout, s.a != F32, True)
 
 
 def layer_temporaries(s: Shape) -> int:

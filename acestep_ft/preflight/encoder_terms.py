@@ -81,13 +81,18 @@ def _stack_cost(s: Shape, layers: List[LayerTrain], lin: Dict[str, Tuple[int, in
     return pieces, max((layer_workspace(s, rows) for rows in bias_rows), default=0)
 
 
-def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLengths,
-                 world_size: int = 1) -> _EncoderCost:
+def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLengths, world_size: int = 1,
+                 text_grad: bool = False) -> _EncoderCost:
     """The condition encoder on a batch of `lengths`: text_projector on [B*Lt, D_text], the lyric stack on [B*Ll]
     rows (its sliding layers combine band and key padding into an a-bias [B, Ll, Ll]; the full ones only mask keys,
     [B, 1, Ll]), the timbre stack on [B*R*Tr] rows (a band bias [1, Tr, Tr] on its sliding layers), packed into
     [B, L, E]. Frozen parts keep nothing (a frozen encoder runs without autograd); its output is fp32 unless the
-    autocast dtype reaches it (frozen weights in that dtype, final norms frozen)."""
+    autocast dtype reaches it (frozen weights in that dtype, final norms frozen).
+
+    text_grad: the caption states need a gradient (mode.text_encoder=lora computes them in the step), so the encoder
+    runs with autograd even where it is frozen: the caption's path keeps the frozen text_projector's a-cast weight
+    (under autocast, frozen weights in another dtype) and the packing's second gather its input [B, L, E]; the lyric
+    and timbre stacks, whose inputs need no gradient, keep nothing more."""
     m, d = cfg.model, encoder_dims(cfg.model)
     a, frozen = autocast_bytes(cfg), frozen_dtype(cfg, world_size)
     frozen_cast = a != F32 and frozen != autocast_dtype(cfg.hardware.mixed_precision)
@@ -107,12 +112,15 @@ def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLength
                                     es.timbre, lin, m.timbre_hidden_dim, parts["timbre_encoder.embed_tokens"],
                                     parts["timbre_encoder.norm"],
                                     [int(d.layer_is_sliding(i)) for i in range(len(es.timbre))])
-    text = (a * batch * lengths.text * m.text_hidden_dim if parts["text_projector"] else 0, parts["text_projector"], 0)
+    projector_cast = a * m.text_hidden_dim * d.hidden_size if text_grad and frozen_cast else 0
+    text = (a * batch * lengths.text * m.text_hidden_dim if parts["text_projector"] else projector_cast,
+            parts["text_projector"], 0)
     narrow = a != F32 and not frozen_cast and not parts["lyric_encoder.norm"] and not parts["timbre_encoder.norm"]
     out = (a if narrow else F32) * batch * lengths.length * d.hidden_size
     # packing valid tokens first gathers from cat([lyric, timbre]) and then cat([that, text]): gather keeps its input
-    pack = ((a if narrow else F32) * batch * (lengths.lyric + lengths.refs + lengths.length) * d.hidden_size
-            if es.trainable else 0)
+    gathered = (lengths.lyric + lengths.refs + lengths.length if es.trainable else
+                lengths.length if text_grad else 0)
+    pack = (a if narrow else F32) * batch * gathered * d.hidden_size
     inputs = frozen.itemsize * batch * (lengths.lyric + lengths.text) * m.text_hidden_dim  # lyric embedding, caption
     return _EncoderCost([text, *lyric, *timbre, (pack, 0, 0)], inputs + 3 * out + max(lyric_ws, timbre_ws),
                         2 * out + F32 * batch * lengths.length)

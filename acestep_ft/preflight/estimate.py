@@ -73,17 +73,31 @@ and adaLN, reusing the same functions)
 - its output        [B,L,E] (autocast dtype, or fp32 when trained or fp32 norms reach it), its CFG-dropped copy
                     and the fp32 mask stay alive through the decoder's forward.
 
+Text encoder (mode.text_encoder=lora, text_encoder_terms.py: the step runs the Qwen3 text encoder on the caption's
+token ids [B, Lt] before the condition encoder, with autograd; sizes from its config.json)
+- weights           bytes of the frozen dtype * its params + 4 * its LoRA (mode.text_lora); the LoRA's gradients,
+                    optimizer states and EMA copy are in those terms (it is part of the trained module).
+- batch             + the caption token ids, 8 * B*Lt.
+- activations       every layer keeps what a condition-encoder layer keeps, each adapted Linear its own a-copy of
+                    its input (PEFT casts it to fp32 first) and o_proj's LoRA a copy of the attention output; its
+                    attention keeps q, out and the un-repeated k, v (causal SDPA with GQA, no mask). They live from
+                    its forward through the decoder's and the condition encoder's backward, then its backward walks
+                    them down while the LoRA's gradients grow. The condition then needs a gradient: every DiT layer
+                    keeps its cross-attention inputs, and a frozen condition encoder runs with autograd, keeping the
+                    text_projector's a-cast weight and the packing's [B,L,E] gather input.
+
 Optimizer-step high-water mark: all gradients (4 * trainable; ZeRO-2/3 and FSDP: / world) + the optimizer's
 temporaries (torch AdamW and schedule-free with foreach, as on a CUDA GPU: one fp32 sqrt buffer the size of the
 largest parameter group; Adafactor: two fp32 buffers the size of the largest tensor; Prodigy: one; 8-bit and fused
 kernels: none).
 
 Tested against `trace.py` (a real step under FakeTensorMode + MemTracker) in tests/unit/test_preflight_estimate.py
-and against torch.cuda.max_memory_allocated in tests/test_preflight_gpu.py, with encoder outputs and inputs.
+(the trained text encoder: tests/unit/test_preflight_text_encoder.py) and against torch.cuda.max_memory_allocated in
+tests/test_preflight_gpu.py, with encoder outputs and inputs.
 
 Modules: this one assembles the terms and walks the step; trainset.py decides what trains, optimizer_terms.py the
 optimizer's state and temporaries, dtypes.py the autocast and frozen dtypes, activations.py what one transformer
-layer saves, encoder_terms.py the condition encoder's share.
+layer saves, encoder_terms.py the condition encoder's share, text_encoder_terms.py the trained text encoder's.
 """
 
 from __future__ import annotations
@@ -99,7 +113,9 @@ from acestep_ft.preflight.activations import F32, Shape, layer_cost, layer_tempo
 from acestep_ft.preflight.dtypes import autocast_bytes, autocast_dtype, frozen_dtype
 from acestep_ft.preflight.encoder_terms import Condition, InputLengths, condition_lengths, encoder_cost, runs_encoder
 from acestep_ft.preflight.optimizer_terms import optimizer_terms
+from acestep_ft.preflight.text_encoder_terms import text_cost, text_ids_bytes, text_weight_bytes
 from acestep_ft.preflight.trainset import TrainSet, train_set
+from acestep_ft.train.text_encoder import trains_text_encoder
 
 __all__ = ["Condition", "InputLengths", "MemoryEstimate", "Term", "TrainSet", "autocast_dtype", "batch_bytes",
            "condition_lengths", "encoder_weight_terms", "estimate_memory", "frozen_dtype", "optimizer_terms",
@@ -156,28 +172,36 @@ def _shape(cfg: Config, batch: int, frames: int, cond_len: int, world_size: int 
 def batch_bytes(cfg: Config, batch: int, frames: int, cond: Condition) -> int:
     """One float32 batch on the device: target [B,T,C], context [B,T,in-C], mask [B,T], and the condition: encoder
     outputs [B,L,E] + mask, or encoder inputs: caption states [B,Lt,D_text] + mask, lyric ids [B,Ll] int64 + mask,
-    references [B*R,Tr,64] + their int64 owners, each sample's own Lt and Ll (int64) (caption token ids, when the
-    data has them: 8*B*Lt, left out)."""
+    references [B*R,Tr,64] + their int64 owners, each sample's own Lt and Ll (int64), and with mode.text_encoder=
+    lora the caption token ids [B,Lt] int64 (which data without a trained text encoder may carry too: 8*B*Lt, left
+    out)."""
     m = cfg.model
     latents = F32 * batch * frames * (m.in_channels + 1)
     if isinstance(cond, int):
         return latents + F32 * batch * cond * ((m.encoder_hidden_size or m.hidden_size) + 1)
     refs = batch * cond.refs
+    text_ids = text_ids_bytes(batch, cond.text) if trains_text_encoder(cfg.mode) else 0
     return (latents + F32 * batch * cond.text * (m.text_hidden_dim + 1) + (8 + F32) * batch * cond.lyric
-            + F32 * refs * cond.ref_frames * m.timbre_hidden_dim + 8 * refs + 2 * 8 * batch)
+            + F32 * refs * cond.ref_frames * m.timbre_hidden_dim + 8 * refs + 2 * 8 * batch + text_ids)
 
 
 def encoder_weight_terms(cfg: Config, ts: TrainSet, frozen: torch.dtype) -> List[Term]:
     """The condition encoder's weights (trained ones fp32, the rest in the frozen dtype; never sharded: a frozen
     encoder sits beside the sharded module, and training it needs a mode.unfreeze stage, which runs under ddp only)
-    and the text encoder's token table [V, D_text] (frozen dtype) on the device."""
-    es, m = ts.encoder, cfg.model
+    and the text encoder's token table [V, D_text] (frozen dtype) on the device; with mode.text_encoder=lora also the
+    text encoder itself (its own copy of the table included) with its LoRA."""
+    es, m, tt = ts.encoder, cfg.model, ts.text
     dtype = str(frozen).replace("torch.", "")
-    return [Term("condition encoder", F32 * es.trainable + frozen.itemsize * (es.params - es.trainable),
-                 f"{es.params:.4g} params: {es.trainable:.3g} trained fp32, the rest {dtype}"),
-            Term("token table", frozen.itemsize * m.text_vocab_size * m.text_hidden_dim,
-                 f"text encoder's lyric embedding table {m.text_vocab_size} x {m.text_hidden_dim} {dtype} "
-                 "(model.text_vocab_size x model.text_hidden_dim)")]
+    terms = [Term("condition encoder", F32 * es.trainable + frozen.itemsize * (es.params - es.trainable),
+                  f"{es.params:.4g} params: {es.trainable:.3g} trained fp32, the rest {dtype}"),
+             Term("token table", frozen.itemsize * m.text_vocab_size * m.text_hidden_dim,
+                  f"text encoder's lyric embedding table {m.text_vocab_size} x {m.text_hidden_dim} {dtype} "
+                  "(model.text_vocab_size x model.text_hidden_dim)")]
+    if tt is not None:
+        terms.append(Term("text encoder", text_weight_bytes(tt, frozen),
+                          f"Qwen3 text encoder (mode.text_encoder=lora), {tt.params:.4g} params {dtype} + its LoRA, "
+                          f"{tt.trainable:.3g} params fp32 (rank {cfg.mode.text_lora.rank})"))
+    return terms
 
 
 def _resident_terms(cfg: Config, ts: TrainSet, batch: int, frames: int, cond: Condition,
@@ -188,7 +212,8 @@ def _resident_terms(cfg: Config, ts: TrainSet, batch: int, frames: int, cond: Co
     dist = str(hw.distributed) if W > 1 else "single"
     zero = hw.zero_stage if dist == "deepspeed" else 0
     fsdp = dist == "fsdp"
-    n_train, n_dec = ts.trainable, ts.trainable - ts.encoder.trainable
+    n_train = ts.trainable
+    n_dec = n_train - ts.encoder.trainable - (ts.text.trainable if ts.text is not None else 0)
     shard_params = fsdp or zero == 3
     frozen = frozen_dtype(cfg, W)
     weights = F32 * n_dec + frozen.itemsize * (ts.decoder_params - n_dec)
@@ -210,8 +235,9 @@ def _resident_terms(cfg: Config, ts: TrainSet, batch: int, frames: int, cond: Co
         ema = F32 * n_train // (W if fsdp else 1)
         terms.append(Term("EMA", ema, f"fp32 copy of {n_train:.3g} trained params" + (" (sharded)" if fsdp else "")))
     n_batches = PREFETCH_BATCHES if hw.device_prefetch else 1
-    what = (f"condition {cond}" if isinstance(cond, int) else f"encoder inputs: caption {cond.text}, lyrics "
-            f"{cond.lyric}, {cond.refs} x {cond.ref_frames} reference frames")
+    what = (f"condition {cond}" if isinstance(cond, int) else f"encoder inputs: caption {cond.text}"
+            + (" (states and token ids)" if trains_text_encoder(cfg.mode) else "")
+            + f", lyrics {cond.lyric}, {cond.refs} x {cond.ref_frames} reference frames")
     terms.append(Term("batches", n_batches * batch_bytes(cfg, batch, frames, cond),
                       f"{n_batches} x fp32 batch [{batch} x {frames} frames, {what}]"
                       + (" (device prefetch: in use + queue of 2 + one in the worker)" if n_batches > 1 else "")))
@@ -235,13 +261,14 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
     dropout = isinstance(cfg.mode, LoraMode) and cfg.mode.dropout > 0
     terms, opt_temp, opt_temp_detail = _resident_terms(cfg, ts, batch, frames, cond, W)
     grad_div = W if fsdp or zero >= 2 else 1
-    enc = None if isinstance(cond, int) else encoder_cost(cfg, ts.encoder, batch, cond, W)
+    text = None if isinstance(cond, int) or ts.text is None else text_cost(cfg, ts.text, batch, cond.text)
+    enc = None if isinstance(cond, int) else encoder_cost(cfg, ts.encoder, batch, cond, W, text is not None)
 
     # --- forward / backward, walked ---
     ckpt = checkpointed_layers(hw.gradient_checkpointing, m.num_hidden_layers)
     bias_rows = batch if cfg.objective.attention_mask else 1
     embedder_trains = ts.head["condition_embedder"]
-    cond_grad = embedder_trains or ts.encoder.trainable > 0  # the condition needs a gradient
+    cond_grad = embedder_trains or ts.encoder.trainable > 0 or text is not None  # the condition needs a gradient
     temb_grad = ts.head["time_embed"]
     in_grad = ts.head["proj_in"] or temb_grad
     layers = []  # (saved when not checkpointed, all casts of the layer, checkpoint input, grads, trainable casts)
@@ -269,6 +296,8 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
     cache_head = a * ts.head_weights if a != F32 else 0
     enc_saved = 0 if enc is None else enc.saved
     enc_part = {"condition encoder activations": enc_saved} if enc_saved else {}
+    text_saved = 0 if text is None else text.saved  # alive from the text encoder's forward to its backward
+    text_part = {"text encoder activations": text_saved} if text is not None else {}
 
     def saved(i: int) -> int:
         act, frozen_cast, ckpt_in, _, train_cast = layers[i]
@@ -280,15 +309,19 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
     ckpt_casts = sum(layers[i][4] for i in ckpt) if a != F32 else 0  # in the autocast cache until forward returns
     transient = layer_temporaries(s)
     phases = []  # (bytes, what, {component: bytes})
+    if text is not None:
+        phases.append((F32 * batch * T * C + text.forward + text_saved, "in the text encoder's forward pass",
+                       {"activations": F32 * batch * T * C, "text encoder activations": text.forward + text_saved}))
     if enc is not None:
-        phases.append((F32 * batch * T * C + enc.forward + enc_saved, "in the condition encoder's forward pass",
+        phases.append((F32 * batch * T * C + enc.forward + enc_saved + text_saved,
+                       "in the condition encoder's forward pass",
                        {"activations": F32 * batch * T * C,
-                        "condition encoder activations": enc.forward + enc_saved}))
+                        "condition encoder activations": enc.forward + enc_saved, **text_part}))
     layer_casts = sum(layers[i][1] + layers[i][4] for i in range(len(layers)) if i not in ckpt) if a != F32 else 0
-    phases.append((head_saved + fwd_only + layer_saved + ckpt_casts + cache_head + tail_saved + enc_saved,
-                   "at the end of the forward pass",
+    phases.append((head_saved + fwd_only + layer_saved + ckpt_casts + cache_head + tail_saved + enc_saved
+                   + text_saved, "at the end of the forward pass",
                    {"activations": head_saved + fwd_only + layer_saved - layer_casts + tail_saved,
-                    "autocast weight copies": ckpt_casts + cache_head + layer_casts, **enc_part}))
+                    "autocast weight copies": ckpt_casts + cache_head + layer_casts, **enc_part, **text_part}))
     live_layers = layer_saved
     grads = tail_grads
     acts_fixed = head_saved  # the tail's saved tensors (and the MSE target) went with the first backward nodes
@@ -298,23 +331,32 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
         casts_live = sum(layers[j][1] + (layers[j][4] if a != F32 else 0) for j in range(i + 1) if j not in ckpt)
         if i in ckpt:
             casts_live += frozen_cast + (train_cast if a != F32 else 0)
-        total = acts_fixed + live_layers + recompute + transient + grads + g + cache_head + enc_saved
+        total = acts_fixed + live_layers + recompute + transient + grads + g + cache_head + enc_saved + text_saved
         phases.append((total, f"in the backward pass of DiT layer {i} of {len(layers)}",
                        {"activations": acts_fixed + live_layers + recompute - casts_live,
                         "autocast weight copies": casts_live + cache_head,
                         "gradients": grads + g,
-                        "backward temporaries": transient, **enc_part}))
+                        "backward temporaries": transient, **enc_part, **text_part}))
         live_layers -= saved(i)
         grads += g
     grads += head_grads
     for piece_saved, params, temporaries in reversed(enc.pieces if enc is not None else []):
         g = F32 * params // grad_div
         if piece_saved or g or temporaries:
-            phases.append((acts_fixed + enc_saved + grads + g + temporaries,
+            phases.append((acts_fixed + enc_saved + text_saved + grads + g + temporaries,
                            "in the backward pass of the condition encoder",
-                           {"activations": acts_fixed, "condition encoder activations": enc_saved,
+                           {"activations": acts_fixed, "condition encoder activations": enc_saved, **text_part,
                             "gradients": grads + g, "backward temporaries": temporaries}))
         enc_saved -= piece_saved
+        grads += g
+    for piece_saved, params, temporaries in reversed(text.pieces if text is not None else []):
+        g = F32 * params // grad_div
+        if piece_saved or g or temporaries:
+            phases.append((acts_fixed + text_saved + grads + g + temporaries,
+                           "in the backward pass of the text encoder",
+                           {"activations": acts_fixed, "text encoder activations": text_saved,
+                            "gradients": grads + g, "backward temporaries": temporaries}))
+        text_saved -= piece_saved
         grads += g
     phases.append((acts_fixed + grads, "at the end of the backward pass",
                    {"activations": acts_fixed, "gradients": grads}))
@@ -334,7 +376,14 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
         "backward temporaries": "one layer's stream gradients (2a+4)*M*H and SwiGLU gradients 3a*M*I",
         "optimizer temporaries": opt_temp_detail,
         "condition encoder activations": f"{where}: saved by its trained layers for backward, + while it runs, its "
-                                         f"inputs, outputs and one layer's working set ({inputs})",
+                                         f"inputs, outputs and one layer's working set ({inputs})"
+                                         + ("; its caption path and packing are in the text encoder's gradient path"
+                                            if text is not None else ""),
+        "text encoder activations": f"{where}: saved for backward by every layer of the LoRA'd text encoder "
+                                    f"({len(ts.text.layers) if ts.text else 0} layers on {batch} x "
+                                    f"{0 if isinstance(cond, int) else cond.text} caption tokens; its gradient "
+                                    "reaches the LoRA through them), + while it runs, the embeddings and one "
+                                    "layer's working set",
     }
     for name, value in parts.items():
         terms.append(Term(name, int(value), details[name]))

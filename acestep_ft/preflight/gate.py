@@ -14,6 +14,9 @@ dataset.lyric_length with its one one-frame reference; for preprocessed data the
 of the sample with the longest condition (Ll + R + Lt), the one sample read for it (preprocessing pads captions to
 one length and stores one reference per song, so its lyric length bounds what any batch pads to).
 
+With mode.text_encoder=lora the estimate adds the text encoder's weights, LoRA and activations (the caption length
+Lt as above; see estimate.py).
+
 Rewrite order (`preflight.policy=rewrite`; each step only when still over budget, the first setting that fits wins):
   1. train.ema.on_cpu=true (the EMA copy leaves the device; nothing computed changes)
   2. hardware.gradient_checkpointing: 0.25, 0.5, then every layer (recompute instead of keeping activations)
@@ -22,7 +25,7 @@ Rewrite order (`preflight.policy=rewrite`; each step only when still over budget
   4. optim: torch AdamW -> fused AdamW (no step temporaries; same update up to rounding), then bitsandbytes
      AdamW8bit (same betas, eps, weight decay)
   5. several processes: hardware.distributed=fsdp (shards weights, gradients, optimizer state); then
-     hardware.offload=true
+     hardware.offload=true (neither with mode.text_encoder=lora, which runs under ddp only)
 The trained parameter set, the effective batch and the data never change; each change is printed, and the
 rewritten config with a diff is written into the run directory.
 """
@@ -50,6 +53,7 @@ from acestep_ft.distributed import strategy_problems
 from acestep_ft.errors import UserError
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.preflight.estimate import Condition, InputLengths, MemoryEstimate, estimate_memory, runs_encoder
+from acestep_ft.train.text_encoder import trains_text_encoder
 
 GIB = 2**30
 ADAMW = "torch.optim.AdamW"
@@ -215,6 +219,12 @@ def _smaller_batch(cfg: Config, shape: DataShape) -> Optional[Config]:
     return smaller if samples_per_step(smaller, shape) == samples_per_step(cfg, shape) else None
 
 
+def _shards_text_encoder(cfg: Config) -> bool:
+    """A trained text encoder under fsdp / deepspeed, which the config check refuses (it runs beside the sharded
+    decoder: acestep_ft/checks.py `text_encoder_problems`)."""
+    return trains_text_encoder(cfg.mode) and cfg.hardware.distributed != Distributed.ddp
+
+
 def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterator[Tuple[str, Config]]:
     """Successively cheaper-on-memory configs in the documented order; each builds on the previous one. Steps the
     run would refuse (see `strategy_problems`) are left out. Yields (step name, config)."""
@@ -223,7 +233,7 @@ def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterat
 
     def step(candidate: Optional[Config]) -> bool:
         nonlocal current
-        if candidate is None or strategy_problems(candidate, on_cpu):
+        if candidate is None or strategy_problems(candidate, on_cpu) or _shards_text_encoder(candidate):
             return False
         current = candidate
         return True

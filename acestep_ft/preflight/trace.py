@@ -12,10 +12,13 @@ cast back to fp32 (what Accelerate wraps around the decoder), flow-matching loss
 optimizer step, zero_grad, EMA update. With dataset.conditions=encoder_inputs the batch holds the condition
 encoder's inputs and the step first runs `Conditioner` (train/conditioning.py: the model's encoder and a token table
 of model.text_vocab_size x model.text_hidden_dim in the frozen dtype) under autocast, as run.py's
-`condition_encoder`. The first step runs untracked so the optimizer state exists; torch's `MemTracker` then follows
-the second step and reports the highest total of live device tensors with its breakdown (Parameter, Gradient,
-Optstate, Activation, Temp, Other = the batch and the EMA copy). A 2B decoder traces in ~20 s on this CPU with little
-RAM (~1-2 min with the condition encoder or LoRA when two cores are shared).
+`condition_encoder`; with mode.text_encoder=lora the Qwen3 text encoder (built from the config.json in
+model.text_encoder_path on the meta device, `meta_text_model`) joins the trained module with its LoRA, and the
+Conditioner runs it on the batch's caption token ids with autograd, as in training. The first step runs untracked
+so the optimizer state exists; torch's `MemTracker` then follows the second step and reports the highest total of
+live device tensors with its breakdown (Parameter, Gradient, Optstate, Activation, Temp, Other = the batch and the
+EMA copy). A 2B decoder traces in ~20 s on this CPU with little RAM (~1-2 min with the condition encoder or LoRA
+when two cores are shared; several more with the 28 layers of a real-size text encoder).
 
 What differs from a CUDA run, and how it is handled:
 - Fake CUDA tensors cannot run modules on a CPU build of torch, so the step runs on the CPU device with CPU
@@ -60,7 +63,8 @@ from acestep_ft.train.conditioning import Conditioner
 from acestep_ft.train.ema import Ema
 from acestep_ft.train.optim import build_optimizer
 from acestep_ft.train.step import flow_matching_loss
-from acestep_ft.train.trainable import DecoderAndEncoder, cast_frozen_, make_trainable
+from acestep_ft.train.text_encoder import load_text_model, meta_text_model, trains_text_encoder
+from acestep_ft.train.trainable import DecoderAndEncoder, cast_frozen_, make_trainable, text_encoder_of
 
 # Batches alive on the device with hardware.device_prefetch: the one in use + the queue (depth 2) + the one the
 # worker thread holds while it waits for a free queue slot (acestep_ft/data/prefetch.py).
@@ -85,8 +89,9 @@ class _Autocast(nn.Module):
 def random_batch(cfg: Config, batch: int, frames: int, cond: Condition, device: str = "cpu") -> Batch:
     """A float32 batch of the given size (what the prefetcher hands the step): with the condition encoder's outputs
     (`cond` = L), or its inputs (`cond` = InputLengths; dataset.conditions=encoder_inputs): caption states
-    [B, Lt, D_text], lyric ids [B, Ll] int64 in the text vocabulary, R references [B*R, Tr, 64] per sample, every
-    sample as long as the batch (the worst case: no padding to drop)."""
+    [B, Lt, D_text] (and with mode.text_encoder=lora caption token ids [B, Lt] int64), lyric ids [B, Ll] int64 in
+    the text vocabulary, R references [B*R, Tr, 64] per sample, every sample as long as the batch (the worst case:
+    no padding to drop)."""
     m = cfg.model
     enc = m.encoder_hidden_size or m.hidden_size
     c = m.audio_acoustic_hidden_dim
@@ -99,7 +104,10 @@ def random_batch(cfg: Config, batch: int, frames: int, cond: Condition, device: 
         return Batch(**common, encoder_hidden_states=torch.randn(batch, lengths, enc, device=device),
                      encoder_attention_mask=torch.ones(batch, lengths, device=device))
     refs = batch * lengths.refs
-    return Batch(**common, encoder_hidden_states=None, encoder_attention_mask=None,
+    text_ids = None
+    if trains_text_encoder(cfg.mode):  # what the text encoder runs on
+        text_ids = torch.randint(0, m.text_vocab_size, (batch, lengths.text), device=device)
+    return Batch(**common, encoder_hidden_states=None, encoder_attention_mask=None, text_token_ids=text_ids,
                  text_hidden_states=torch.randn(batch, lengths.text, m.text_hidden_dim, device=device),
                  text_attention_mask=torch.ones(batch, lengths.text, device=device),
                  lyric_token_ids=torch.randint(0, m.text_vocab_size, (batch, lengths.lyric), device=device),
@@ -232,19 +240,26 @@ class StepParts:
 
 
 def trained_model(cfg: Config, meta: bool) -> Tuple[AceStepModel, nn.Module]:
-    """(the model, the module the loop trains: the PEFT-wrapped decoder, the decoder, or `DecoderAndEncoder`),
-    checkpointing as configured, frozen weights in the frozen dtype, LoRA dropout as on CUDA.
+    """(the model, the module the loop trains: the PEFT-wrapped decoder, the decoder, or `DecoderAndEncoder`, which
+    holds the text encoder with mode.text_encoder=lora), checkpointing as configured, frozen weights in the frozen
+    dtype, LoRA dropout as on CUDA.
 
     meta: built on the meta device (for the fake trace: PEFT must wrap before the fake mode, since fake tensors
-    refuse Module.to); else randomly initialised in host RAM like `load_model` without a path."""
+    refuse Module.to); else randomly initialised in host RAM like `load_model` without a path (the text encoder
+    loaded from model.text_encoder_path)."""
     model = build_meta_model(cfg.model) if meta else AceStepModel(cfg.model)
     if meta and str(cfg.model.attn_implementation) == "flex":
         # MemTracker has no rule for the flex_attention operator, and torch has no flex backward on the CPU: trace
         # the SDPA path (the estimate's flex terms are SDPA's without the N^2 band bias and mask)
         model.set_attn_implementation("sdpa")
     model.decoder.gradient_checkpointing = cfg.hardware.gradient_checkpointing
-    trained = make_trainable(model, cfg.mode)
-    cast_frozen_(model, frozen_dtype(cfg))  # as run.py does, for the device the config names
+    text = None
+    if trains_text_encoder(cfg.mode):  # the Qwen3 text encoder joins the trained module (text_encoder.*)
+        text = meta_text_model(cfg.model) if meta else load_text_model(cfg.model)
+    trained = make_trainable(model, cfg.mode, text)
+    for module in (model, text):  # as run.py does, for the device the config names
+        if module is not None:
+            cast_frozen_(module, frozen_dtype(cfg))
     if meta:
         from peft.tuners.lycoris_utils import LycorisLayer
 
@@ -257,10 +272,10 @@ def trained_model(cfg: Config, meta: bool) -> Tuple[AceStepModel, nn.Module]:
 
 
 def _on_device(cfg: Config, model: AceStepModel, trained: nn.Module) -> list:
-    """The modules run.py puts on the device: the trained module, and for encoder_inputs data the condition encoder
-    (part of the trained module when it trains)."""
+    """The modules run.py puts on the device: the trained module (with the text encoder when its LoRA trains), and
+    for encoder_inputs data the condition encoder (part of the trained module when it trains)."""
     parts = [trained]
-    if runs_encoder(cfg) and not isinstance(trained, DecoderAndEncoder):
+    if runs_encoder(cfg) and not (isinstance(trained, DecoderAndEncoder) and trained.encoder is not None):
         parts.append(model.encoder)
     return parts
 
@@ -301,7 +316,7 @@ def trace_peak(cfg: Config, batch: int, frames: int, cond: Condition, foreach: b
         conditioner = None
         if isinstance(lengths, InputLengths):
             table = torch.empty(cfg.model.text_vocab_size, cfg.model.text_hidden_dim, dtype=frozen_dtype(cfg))
-            conditioner = _FakeConditioner(model.encoder, table)
+            conditioner = _FakeConditioner(model.encoder, table, text_encoder_of(trained))
         parts.load(batch, frames, lengths, "cpu", PREFETCH_BATCHES if cfg.hardware.device_prefetch else 1,
                    conditioner)
         parts.step(1)  # creates the optimizer state; step 2 is the steady state
@@ -326,8 +341,9 @@ def trace_peak(cfg: Config, batch: int, frames: int, cond: Condition, foreach: b
 
 def measure_peak_cuda(cfg: Config, batch: int, frames: int, cond: Condition) -> Dict[str, int]:
     """The same step run for real on the current CUDA GPU: {"peak": torch.cuda.max_memory_allocated during the
-    second step, "resident": memory allocated before it}. The trained module, optimizer state, EMA and batches (and
-    for encoder_inputs data the condition encoder and a random token table) are the only things on the GPU, as in
+    second step, "resident": memory allocated before it}. The trained module (with mode.text_encoder=lora the text
+    encoder), optimizer state, EMA and batches (and for encoder_inputs data the condition encoder and a random token
+    table) are the only things on the GPU, as in
     run.py (with device prefetch, its extra batches are allocated up front)."""
     torch.manual_seed(0)
     lengths = condition_lengths(cfg, cond)
@@ -338,7 +354,7 @@ def measure_peak_cuda(cfg: Config, batch: int, frames: int, cond: Condition) -> 
     conditioner = None
     if isinstance(lengths, InputLengths):
         table = torch.randn(cfg.model.text_vocab_size, cfg.model.text_hidden_dim, device="cuda") * 0.02
-        conditioner = Conditioner(model.encoder, table.to(frozen_dtype(cfg)))
+        conditioner = Conditioner(model.encoder, table.to(frozen_dtype(cfg)), text_encoder_of(trained))
     parts.load(batch, frames, lengths, "cuda", PREFETCH_BATCHES if cfg.hardware.device_prefetch else 1, conditioner)
     parts.step(1)
     torch.cuda.synchronize()

@@ -1,6 +1,8 @@
 """What trains, decided on the meta model (no weights, no memory) and cached per (model, mode) config: per DiT
 layer and condition-encoder layer which Linears train (plain, LoRA, DoRA, LoKr / LoHa) or stay frozen, which norms
-and adaLN tables train, and the parameter counts the estimate's weight, gradient and optimizer terms need.
+and adaLN tables train, and the parameter counts the estimate's weight, gradient and optimizer terms need; with
+mode.text_encoder=lora also the text encoder's (its LoRA'd Qwen3 layers, built from its config.json on the meta
+device).
 
     ts = train_set(cfg)          # TrainSet: ts.layers[i].linears["self_attn.q_proj"] -> "lora", ts.trainable, ...
 """
@@ -9,14 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
 from acestep_ft.config import AdapterMode, Config
 from acestep_ft.model.variants import build_meta_model
 from acestep_ft.train.adapters import is_adapter_tensor
-from acestep_ft.train.trainable import DecoderAndEncoder, make_trainable
+from acestep_ft.train.text_encoder import meta_text_model, trains_text_encoder
+from acestep_ft.train.trainable import DecoderAndEncoder, make_trainable, parts_of
 
 
 @dataclass
@@ -45,9 +48,25 @@ class EncoderTrain:
 
 
 @dataclass
+class TextTrain:
+    """The text encoder with its LoRA (mode.text_encoder=lora): a transformers Qwen3Model, sizes from its config."""
+
+    params: int  # base parameters (token embeddings, layers, final norm), without the LoRA
+    trainable: int  # LoRA parameters (all of what trains in it)
+    layers: List[LayerTrain]  # layers.*: which Linears carry a LoRA ("lora") or stay frozen
+    layer_linears: Dict[str, Tuple[int, int]]  # name in a layer -> (in, out)
+    hidden: int  # D_text
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    attn_implementation: str  # "sdpa" (transformers' default) or "eager"
+
+
+@dataclass
 class TrainSet:
     decoder_params: int  # adapters included
-    trainable: int  # decoder and condition encoder
+    trainable: int  # everything the optimizer steps: decoder, condition encoder, text encoder LoRA
     tensors: List[Tuple[str, Tuple[int, ...]]]  # trainable (name as the optimizer sees it, shape)
     layers: List[LayerTrain]
     head: Dict[str, bool]  # proj_in, condition_embedder, time_embed, tail (norm_out/proj_out/table) train
@@ -56,6 +75,10 @@ class TrainSet:
     tail_trainable: int
     encoder: EncoderTrain
     layer_linears: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
+    text: Optional[TextTrain] = None  # mode.text_encoder=lora
+
+
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the names of the module it wraps
 
 
 _TRAIN_SETS: Dict[Tuple[str, str], TrainSet] = {}  # (repr(model cfg), repr(mode cfg)) -> TrainSet
@@ -101,32 +124,55 @@ def _encoder_train(encoder: nn.Module, trained: Dict[str, Tuple[int, ...]]) -> E
         layer_linears=_linear_shapes(encoder, "lyric_encoder.layers.0."))
 
 
-def _split_trained(trained_module: nn.Module, trained: Dict[str, Tuple[int, ...]]) -> Tuple[Dict, Dict]:
-    """(decoder-relative, encoder-relative) names of the trained tensors of `make_trainable`'s module: the PEFT-wrapped
-    decoder (base_model.model.*), the decoder itself, or `DecoderAndEncoder` (decoder.*, encoder.*)."""
-    if isinstance(trained_module, DecoderAndEncoder):
-        return ({n.removeprefix("decoder."): s for n, s in trained.items() if n.startswith("decoder.")},
-                {n.removeprefix("encoder."): s for n, s in trained.items() if n.startswith("encoder.")})
-    return {n.removeprefix("base_model.model."): s for n, s in trained.items()}, {}
+def _split_trained(trained_module: nn.Module, trained: Dict[str, Tuple[int, ...]]) -> Tuple[Dict, Dict, Dict]:
+    """(decoder-relative, encoder-relative, text-encoder-relative) names of the trained tensors of `make_trainable`'s
+    module: the PEFT-wrapped decoder (base_model.model.*), the decoder itself, or `DecoderAndEncoder` (decoder.*,
+    encoder.*, text_encoder.*; its decoder and text encoder PEFT-wrapped where adapters train)."""
+    if not isinstance(trained_module, DecoderAndEncoder):
+        return {n.removeprefix(PEFT_PREFIX): s for n, s in trained.items()}, {}, {}
+    return tuple({n.removeprefix(prefix).removeprefix(PEFT_PREFIX): s for n, s in trained.items()
+                  if n.startswith(prefix)} for prefix in ("decoder.", "encoder.", "text_encoder."))
+
+
+def _adapter_kinds(wrapped: nn.Module) -> Dict[str, str]:
+    """Linear name (relative to the module PEFT wrapped) -> its adapter kind: "lora", "dora" or "kron" (LoKr /
+    LoHa)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    kinds: Dict[str, str] = {}
+    for n, m in wrapped.named_modules():
+        if isinstance(m, LoraLayer):
+            kinds[n.removeprefix(PEFT_PREFIX)] = "dora" if m.use_dora["default"] else "lora"
+        elif isinstance(m, LycorisLayer):
+            kinds[n.removeprefix(PEFT_PREFIX)] = "kron"
+    return kinds
+
+
+def _text_train(model_cfg, wrapped: nn.Module, trained: Dict[str, Tuple[int, ...]]) -> TextTrain:
+    """`wrapped`: the PEFT-wrapped text encoder of the trained module; `trained`: its LoRA tensors, names relative to
+    the text encoder."""
+    text = meta_text_model(model_cfg)  # unwrapped: the names and Linears before PEFT
+    kinds = _adapter_kinds(wrapped)
+    c = text.config
+    return TextTrain(
+        params=sum(p.numel() for p in text.parameters()), trainable=sum(_numel(s) for s in trained.values()),
+        layers=[_layer_train(text, f"layers.{i}.", set(), trained, kinds) for i in range(len(text.layers))],
+        layer_linears=_linear_shapes(text, "layers.0."), hidden=c.hidden_size, heads=c.num_attention_heads,
+        kv_heads=c.num_key_value_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
+        attn_implementation=str(c._attn_implementation))
 
 
 def _train_set(model_cfg, mode_cfg) -> TrainSet:
     decoder = build_meta_model(model_cfg).decoder  # unwrapped: the names and Linears before PEFT
     names = {n: tuple(p.shape) for n, p in decoder.named_parameters()}
     model = build_meta_model(model_cfg)
-    wrapped = make_trainable(model, mode_cfg)  # PEFT itself decides the adapter tensors (meta device: no memory)
+    text = meta_text_model(model_cfg) if trains_text_encoder(mode_cfg) else None
+    wrapped = make_trainable(model, mode_cfg, text)  # PEFT itself decides the adapter tensors (meta device: no memory)
     trained = {n: tuple(p.shape) for n, p in wrapped.named_parameters() if p.requires_grad}
-    adapted: Dict[str, str] = {}  # Linear name -> its adapter kind
-    if isinstance(mode_cfg, AdapterMode):
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.lycoris_utils import LycorisLayer
-
-        for n, m in wrapped.named_modules():
-            if isinstance(m, LoraLayer):
-                adapted[n.removeprefix("base_model.model.")] = "dora" if m.use_dora["default"] else "lora"
-            elif isinstance(m, LycorisLayer):
-                adapted[n.removeprefix("base_model.model.")] = "kron"
-    in_decoder, in_encoder = _split_trained(wrapped, trained)
+    parts = dict(parts_of(wrapped))
+    adapted = _adapter_kinds(parts["decoder."]) if isinstance(mode_cfg, AdapterMode) else {}
+    in_decoder, in_encoder, in_text = _split_trained(wrapped, trained)
     plain = {n for n in in_decoder if not is_adapter_tensor(n)}
     adapters = {n: s for n, s in in_decoder.items() if is_adapter_tensor(n)}
     layers = [_layer_train(decoder, f"layers.{i}.", plain, adapters, adapted) for i in range(len(decoder.layers))]
@@ -148,6 +194,7 @@ def _train_set(model_cfg, mode_cfg) -> TrainSet:
                                                                             "scale_shift_table"))),
         encoder=_encoder_train(model.encoder, in_encoder),
         layer_linears=_linear_shapes(decoder, "layers.0."),
+        text=_text_train(model_cfg, parts["text_encoder."], in_text) if text is not None else None,
     )
 
 

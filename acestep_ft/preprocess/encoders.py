@@ -187,7 +187,8 @@ class Encoders:
         with loading("VAE (diffusers AutoencoderOobleck)", vae_dir, "preprocess.vae_path=<the checkpoint's vae/>"):
             vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
         check_vae(vae, vae_dir)
-        tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, TEXT_ENCODER_KEY)
+        tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, TEXT_ENCODER_KEY,
+                                                  model_cfg.text_encoder_adapter)
         condition_encoder, encoder_digest = None, None
         if pre.store != StoreConditions.inputs:  # the condition encoder runs only when its outputs are stored
             with loading("DiT", dit, "model.path=<an ACE-Step 1.5 DiT directory of this model variant>"):
@@ -231,6 +232,12 @@ class Encoders:
                 "lyric_hidden_states": self.text_model.get_input_embeddings()(lyric_ids).to(self.dtype),
                 "refer_audio_latents": torch.zeros(1, 1, LATENT_CHANNELS, device=self.device, dtype=self.dtype)}
 
+    @staticmethod
+    def stored_inputs(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The INPUT_KEYS of `encoder_inputs` as a sample stores them, on the CPU: the batch axis dropped, the one
+        reference kept as refer_audio_latents [R=1, Tr=1, 64]."""
+        return {k: (inputs[k] if k == "refer_audio_latents" else inputs[k][0]).cpu() for k in INPUT_KEYS}
+
     @torch.no_grad()
     def run_condition_encoder(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(encoder_hidden_states [L, H_enc], encoder_attention_mask [L]) float32 on the CPU from `encoder_inputs`."""
@@ -263,20 +270,22 @@ class Encoders:
             tensors["encoder_hidden_states"], tensors["encoder_attention_mask"] = self.run_condition_encoder(inputs)
         tensors["context_latents"] = context_latents(self.silence, t_len)
         if self.pre.store != StoreConditions.outputs:
-            tensors.update({k: inputs[k][0].cpu() for k in INPUT_KEYS if k != "refer_audio_latents"})
-            tensors["refer_audio_latents"] = inputs["refer_audio_latents"].cpu()  # [R=1, Tr=1, 64]: no batch axis
+            tensors.update(self.stored_inputs(inputs))
         stored = STORED[self.pre.dtype]
         return {k: (v.to(stored) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
 
-def load_text_encoder(path: Path, text_hidden_dim: int, key: str) -> tuple[Any, Any]:
+def load_text_encoder(path: Path, text_hidden_dim: int, key: str, adapter: Optional[str] = None) -> tuple[Any, Any]:
     """(tokenizer, text model in float32 on the CPU) from a transformers directory; its width must be the condition
-    encoder's input. Errors name `key`, the setting that points at it."""
+    encoder's input. `adapter` (model.text_encoder_adapter): a PEFT LoRA directory trained with mode.text_encoder=
+    lora, merged into the weights. Errors name `key`, the setting that points at it."""
     from transformers import AutoModel, AutoTokenizer
 
     with loading("text encoder (transformers model + tokenizer)", path, f"{key}=<the checkpoint's text encoder>"):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    if adapter is not None:
+        model = merge_text_adapter(model, Path(os.path.expanduser(adapter)))
     rows, width = model.get_input_embeddings().weight.shape
     if width != text_hidden_dim:
         raise ConfigError(f"{path}: hidden size {width}, but model.text_hidden_dim={text_hidden_dim} (the condition "
@@ -285,6 +294,20 @@ def load_text_encoder(path: Path, text_hidden_dim: int, key: str) -> tuple[Any, 
         raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the text encoder's embedding table "
                           f"only {rows} rows. Fix: {key}=<a directory whose tokenizer and model belong together>.")
     return tokenizer, model
+
+
+def merge_text_adapter(model: Any, adapter: Path) -> Any:
+    """`model` with the PEFT adapter in `adapter` merged into its weights (a plain transformers model again)."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"model.text_encoder_adapter={adapter} is not a PEFT adapter directory (no "
+                          "adapter_config.json). Fix: the text_encoder/ directory of a run's export/ trained with "
+                          "mode.text_encoder=lora.")
+    with loading("text-encoder adapter (PEFT)", adapter, "model.text_encoder_adapter=<a run's export/text_encoder/, "
+                 "trained on this text encoder>"):
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return merged.eval()
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from acestep_ft.config import PreprocessConfig, PromptSample
-from acestep_ft.data.batch import Sample
+from acestep_ft.data.batch import Sample, sample_from
 from acestep_ft.data.crop import FRAMES_PER_SECOND
 
 from .captions import Song
@@ -41,13 +41,16 @@ def prompt_frames(seconds: float) -> int:
 
 def encode_prompts(prompts: Sequence[PromptSample], model: nn.Module, model_cfg: Any, text_dir: Path, vae: Any,
                    device: Any, dtype: torch.dtype, text_key: str,
-                   pre: Optional[PreprocessConfig] = None) -> List[Sample]:
+                   pre: Optional[PreprocessConfig] = None, inputs: bool = False) -> List[Sample]:
     """One Sample per prompt (key prompt-<i>, float32 on the CPU; target_latents zeros: there is no target), encoded
-    once with the text encoder in `text_dir` and `model`'s condition encoder, on `device` in `dtype` as preprocessing
-    runs them, with the token lengths and lyric format of `pre` (None = the PreprocessConfig defaults). The text
-    encoder and any device copy of the condition encoder are freed before returning, so nothing of them stays on the
-    device. `vae` only provides the sample rate the encoders record."""
-    tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, text_key)
+    once with the text encoder in `text_dir` (model.text_encoder_adapter merged when set) and `model`'s condition
+    encoder, on `device` in `dtype` as preprocessing runs them, with the token lengths and lyric format of `pre` (None
+    = the PreprocessConfig defaults). `inputs`: the samples carry the condition encoder's inputs instead of its
+    outputs (as preprocess.store=inputs writes them, caption token ids included), for a run whose step encodes them
+    with the encoders it trains. The text encoder and any device copy of the condition encoder are freed before
+    returning, so nothing of them stays on the device. `vae` only provides the sample rate the encoders record."""
+    tokenizer, text_model = load_text_encoder(text_dir, model_cfg.text_hidden_dim, text_key,
+                                              model_cfg.text_encoder_adapter)
     device = torch.device(device)
     in_place = all(p.device == device and p.dtype == dtype for p in model.encoder.parameters())
     # a copy when it must move or change dtype: the model's own weights stay as loaded (a full export writes them)
@@ -63,11 +66,16 @@ def encode_prompts(prompts: Sequence[PromptSample], model: nn.Module, model_cfg:
     try:
         samples = []
         for i, prompt in enumerate(prompts):
-            hidden, mask = encoders.condition(Song(caption=prompt.caption, lyrics=prompt.lyrics), prompt.duration)
-            frames = prompt_frames(prompt.duration)
-            samples.append(Sample(key=f"prompt-{i}", target_latents=torch.zeros(frames, LATENT_CHANNELS),
-                                  attention_mask=torch.ones(frames), encoder_hidden_states=hidden,
-                                  encoder_attention_mask=mask, context_latents=context_latents(silence, frames)))
+            song, frames = Song(caption=prompt.caption, lyrics=prompt.lyrics), prompt_frames(prompt.duration)
+            tensors = {"target_latents": torch.zeros(frames, LATENT_CHANNELS), "attention_mask": torch.ones(frames),
+                       "context_latents": context_latents(silence, frames)}
+            if inputs:
+                tensors.update(encoders.stored_inputs(encoders.encoder_inputs(song, prompt.duration)))
+            else:
+                tensors["encoder_hidden_states"], tensors["encoder_attention_mask"] = encoders.condition(
+                    song, prompt.duration)
+            samples.append(sample_from(f"prompt-{i}", {k: v.float() if v.is_floating_point() else v
+                                                       for k, v in tensors.items()}))
         return samples
     finally:
         condition_encoder.train(was_training)

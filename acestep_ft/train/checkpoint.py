@@ -4,6 +4,7 @@ Layout of `<run_dir>/checkpoints/step-00000050/`:
   adapter/              mode=lora|lokr|loha: PEFT adapter (adapter_config.json + adapter_model.safetensors), loads in
                         official inference; adapter/comfyui/adapter.safetensors: the same in ComfyUI's layout
   model/                mode=full: the whole model in the official layout (config.json + model.safetensors, fp32)
+  <adapter|model>/text_encoder/   mode.text_encoder=lora: the text encoder's PEFT LoRA
   training_state.pt     optimizer, scheduler, grad scaler, sampler position, RNG states of every process, step,
                         trained-tensor signature, the resolved config and a note (e.g. an emergency save)
   config.yaml           the resolved run config, readable
@@ -37,7 +38,8 @@ from acestep_ft.atomic import atomic_directory, atomic_write_bytes, delete_via_t
 from acestep_ft.digest import ALGORITHM, file_digest
 from acestep_ft.errors import UserError
 from acestep_ft.train.adapters import load_adapter_weights
-from acestep_ft.train.trainable import DecoderAndEncoder, trainable_state_dict
+from acestep_ft.train.text_encoder import TEXT_ADAPTER_DIR
+from acestep_ft.train.trainable import parts_of, trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -326,16 +328,18 @@ def check_resume(state: TrainingState, path: Path, mode: str, config: Dict[str, 
 def load_weights(path: Path, decoder: nn.Module, mode: str) -> None:
     """Load a checkpoint's trained weights into `decoder` (after `check_resume` accepted it)."""
     folder = Path(path) / weights_dir(mode)
+    parts = dict(parts_of(decoder))
     try:
+        if "text_encoder." in parts:  # mode.text_encoder=lora: its adapter beside the trained weights
+            load_adapter_weights(parts["text_encoder."], folder / TEXT_ADAPTER_DIR)
         if mode != "full":
-            load_adapter_weights(decoder, folder)
-        else:
+            load_adapter_weights(parts["decoder."], folder)
+        else:  # official keys: decoder.* and encoder.*
             weights = load_file(str(folder / "model.safetensors"))
-            if isinstance(decoder, DecoderAndEncoder):  # official keys: decoder.* and encoder.*
-                decoder.load_state_dict({k: v for k, v in weights.items() if k.startswith(("decoder.", "encoder."))})
-            else:
-                decoder.load_state_dict({k[len("decoder."):]: v for k, v in weights.items()
-                                         if k.startswith("decoder.")})
+            for prefix in ("decoder.", "encoder."):
+                if prefix in parts:
+                    parts[prefix].load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                                   if k.startswith(prefix)})
     except UserError:
         raise
     except Exception as err:  # safetensors, OSError, a strict load_state_dict: the files do not fit

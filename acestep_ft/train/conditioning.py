@@ -11,12 +11,14 @@ Each row comes out as encoding its sample alone gives it (`as_stored`), so a fro
 outputs of the same songs, batch padding included (zeros after each sample's own L = Ll_i + R_i + Lt_i).
 
 A frozen encoder runs without autograd; an encoder with any trained weight (a mode.unfreeze stage) runs with it.
+With mode.text_encoder=lora the caption's text hidden states are not read from the data: the trained text encoder
+computes them from the caption's token ids (train/text_encoder.py) in the same step.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from acestep_ft.data.batch import Batch
 from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model.encoder import pack_sequences
 from acestep_ft.train.sample_audio import sibling_dir
+from acestep_ft.train.text_encoder import run_text_encoder
 
 TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"  # beside the DiT directory in the official checkpoint layout
 TABLE_SUFFIX = "embed_tokens.weight"       # Qwen3Model: embed_tokens.weight; Qwen3ForCausalLM: model.embed_tokens...
@@ -92,14 +95,15 @@ class Conditioner(nn.Module):
     encoder's token embedding table [V, D_text] (a buffer, never trained). Call it under the run's autocast.
     """
 
-    def __init__(self, encoder: nn.Module, table: Tensor) -> None:
+    def __init__(self, encoder: nn.Module, table: Tensor, text_encoder: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.text_encoder = text_encoder
         self.register_buffer("table", table, persistent=False)
 
     @property
     def trains(self) -> bool:
-        return any(p.requires_grad for p in self.encoder.parameters())
+        return any(p.requires_grad for p in self.parameters())
 
     def embed_lyrics(self, ids: Tensor, keys: list) -> Tensor:
         """Lyric token ids [B, Ll] -> [B, Ll, D_text]; an id outside the table is an error naming the sample."""
@@ -122,9 +126,21 @@ class Conditioner(nn.Module):
             lyric = self.embed_lyrics(batch.lyric_token_ids, batch.keys)
             dtype = self.table.dtype  # the official preprocessor feeds the encoder in its own compute dtype
             hidden, mask = self.encoder(
-                batch.text_hidden_states.to(dtype), batch.text_attention_mask.to(dtype), lyric,
+                self.text_states(batch).to(dtype), batch.text_attention_mask.to(dtype), lyric,
                 batch.lyric_attention_mask.to(dtype), batch.refer_audio_latents.to(dtype), batch.refer_audio_order)
             return as_stored(hidden, mask.float(), batch)
+
+
+    def text_states(self, batch: Batch) -> Tensor:
+        """The caption's text hidden states [B, Lt, D_text]: as stored, or (mode.text_encoder=lora) the trained text
+        encoder run on the caption's token ids."""
+        if self.text_encoder is None:
+            return batch.text_hidden_states
+        if batch.text_token_ids is None:
+            raise UserError(f"batch of samples {batch.keys[:3]} carries no caption token ids (text_token_ids), which "
+                            "mode.text_encoder=lora runs the text encoder on. Fix: re-run scripts/preprocess.py with "
+                            "preprocess.store=inputs or both (they store text_token_ids), or mode.text_encoder=frozen.")
+        return run_text_encoder(self.text_encoder, batch.text_token_ids)
 
 
 def as_stored(hidden: Tensor, mask: Tensor, batch: Batch) -> Tuple[Tensor, Tensor]:

@@ -71,7 +71,7 @@ class Previews:
             latents, metrics = self._conditions(decoder, acc.device)
             for name, prompt, sample in self.prompts:
                 latents[name] = render_prompt(decoder, sample, prompt.seed, self.sampler, self.null_embedding,
-                                              acc.device, self.use_masks)
+                                              acc.device, self.use_masks, self.encode)
         finally:
             decoder.train(was_training)
         if acc.is_main_process:
@@ -157,9 +157,14 @@ def prompt_noise(seed: int, frames: int) -> Tensor:
 
 
 def render_prompt(decoder: Callable[..., Tensor], sample: Sample, seed: int, sampler: Sampler,
-                  null_embedding: Optional[Tensor], device: Any, use_masks: bool = False) -> Tensor:
-    """[T, 64] float32 latents (CPU) sampled for one encoded prompt from its seed's noise with `sampler`."""
+                  null_embedding: Optional[Tensor], device: Any, use_masks: bool = False,
+                  encode: Optional[Encode] = None) -> Tensor:
+    """[T, 64] float32 latents (CPU) sampled for one encoded prompt from its seed's noise with `sampler`; a prompt
+    that carries the condition encoder's inputs is encoded first with `encode` (the encoders as they train now)."""
     batch = collate([sample]).to(device).float()
+    if batch.encoder_hidden_states is None:
+        hidden, mask = encode(batch)
+        batch = replace(batch, encoder_hidden_states=hidden.float(), encoder_attention_mask=mask)
     noise = prompt_noise(seed, sample.target_latents.shape[0])[None].to(device)
     latents = sample_latents(decoder, batch, noise, sampler.steps, sampler.shift, use_masks, sampler.guidance_scale,
                              null_embedding)
@@ -207,8 +212,10 @@ def build_previews(spec: SampleConfig, model_cfg: ModelConfig, model: nn.Module,
         if acc.num_processes > 1:
             encoded = broadcast_object_list([encoded])[0]
         prompts = [(prompt_name(i, p), p, sample) for i, (p, sample) in enumerate(zip(spec.prompts, encoded))]
-        say(f"samples: {len(prompts)} text prompt(s) encoded once with the text encoder in {text_dir} (now freed), "
-            "rendered at every preview: " + ", ".join(name for name, _, _ in prompts))
+        how = ("tokenized once with the text encoder in {} (now freed), encoded at every preview by the encoders "
+               "this run trains" if condition is not None else "encoded once with the text encoder in {} (now freed)")
+        say(f"samples: {len(prompts)} text prompt(s) {how.format(text_dir)}, rendered at every preview: "
+            + ", ".join(name for name, _, _ in prompts))
     null_embedding = model.null_condition_emb.detach().float().to(acc.device)
     return Previews(spec.num, source, max_frames, seed, use_masks, sampler, null_embedding, prompts, vae, log_audio,
                     condition)

@@ -4,7 +4,9 @@ decoder (mode=full), optionally with staged unfreezing that reaches into the con
 Every mode returns the module the loop calls and optimizes; they differ only in what requires grad and in what a
 save writes (a PEFT adapter directory + its ComfyUI file, or the full model in the official layout). A full
 fine-tune with a condition_encoder stage trains `DecoderAndEncoder`, whose parameter names are the official keys
-(decoder.*, encoder.*); every other full fine-tune trains the decoder itself (names relative to it).
+(decoder.*, encoder.*); every other full fine-tune trains the decoder itself (names relative to it). Any mode with
+mode.text_encoder=lora trains a `DecoderAndEncoder` that also holds the PEFT-wrapped text encoder (text_encoder.*),
+saved as a PEFT directory text_encoder/ inside what the rest writes.
 """
 
 from __future__ import annotations
@@ -23,22 +25,49 @@ from acestep_ft.config import AdapterMode, FullMode, TrainModule, UnfreezeStage
 from acestep_ft.model.checkpoint_io import save_full_model
 from acestep_ft.model.encoder import AceStepConditionEncoder
 from acestep_ft.train.adapters import peft_config, save_adapter, wrap
+from acestep_ft.train.text_encoder import TEXT_ADAPTER_DIR, text_lora_config, trains_text_encoder
 
 ModeConfig = Union[AdapterMode, FullMode]
 
 
 class DecoderAndEncoder(nn.Module):
-    """The trained module of a full fine-tune that also trains the condition encoder: the DiT decoder and the
-    condition encoder under their official key prefixes, so optimizer, parameter groups, EMA, checkpoints and the
-    export see one module. Calling it calls the decoder; the step runs the encoder first (train/conditioning.py)."""
+    """The trained module when more than the decoder trains: the DiT decoder (PEFT-wrapped for adapter modes), the
+    condition encoder (a full fine-tune's condition_encoder stage) and the text encoder's LoRA (mode.text_encoder=
+    lora) under their own prefixes (decoder.*, encoder.*: the official keys; text_encoder.*), so optimizer, parameter
+    groups, EMA, DDP, checkpoints and the export see one module. Calling it calls the decoder; the step runs the
+    encoders first (train/conditioning.py)."""
 
-    def __init__(self, decoder: nn.Module, encoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, encoder: Optional[nn.Module] = None,
+                 text_encoder: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.decoder = decoder
         self.encoder = encoder
+        self.text_encoder = text_encoder
 
     def forward(self, **kwargs):
         return self.decoder(**kwargs)
+
+    def parts(self) -> List[Tuple[str, nn.Module]]:
+        """(name prefix, module) of each part it holds."""
+        return [(prefix, m) for prefix, m in (("decoder.", self.decoder), ("encoder.", self.encoder),
+                                              ("text_encoder.", self.text_encoder)) if m is not None]
+
+
+def _part(weights: Optional[Dict[str, torch.Tensor]], prefix: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The tensors of `weights` under `prefix`, without it (None stays None)."""
+    if weights is None:
+        return None
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def parts_of(trained: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(official prefix, module) of each part of a trained module: `DecoderAndEncoder`'s parts, else the decoder."""
+    return trained.parts() if isinstance(trained, DecoderAndEncoder) else [("decoder.", trained)]
+
+
+def text_encoder_of(trained: nn.Module) -> Optional[nn.Module]:
+    """The PEFT-wrapped text encoder that trains with `trained` (mode.text_encoder=lora), else None."""
+    return dict(parts_of(trained)).get("text_encoder.")
 
 
 def trains_encoder(mode: ModeConfig) -> bool:
@@ -51,25 +80,39 @@ def trained_module(model: nn.Module, mode: FullMode) -> nn.Module:
     return DecoderAndEncoder(model.decoder, model.encoder) if trains_encoder(mode) else model.decoder
 
 
-def make_trainable(model: nn.Module, mode: ModeConfig) -> nn.Module:
+def make_trainable(model: nn.Module, mode: ModeConfig, text_model: Optional[nn.Module] = None) -> nn.Module:
     """Freeze everything, then unfreeze what the mode trains. Returns the module to call and optimize.
 
     Adapter modes: the decoder wrapped by PEFT (keys relative to the decoder, as official inference expects); the
     adapter starts fresh (mode.init_adapter is loaded by the caller, `adapters.init_from_adapter`).
     Full: the decoder itself, or `DecoderAndEncoder` when a stage trains the condition encoder.
+    mode.text_encoder=lora: `text_model` (the Qwen3 text encoder, `text_encoder.load_text_model`) gets a fresh LoRA
+    and joins a `DecoderAndEncoder` as text_encoder.
     """
     model.requires_grad_(False)
     match mode:
         case AdapterMode():
-            return wrap(model.decoder, peft_config(mode))
+            trained = wrap(model.decoder, peft_config(mode))
         case FullMode():
             trained = trained_module(model, mode)
             if not mode.unfreeze:
                 model.decoder.requires_grad_(True)
             for name in unfreeze_starts(trained, mode.unfreeze, steps_per_epoch=1):
                 trained.get_parameter(name).requires_grad_(True)
-            return trained
-    raise TypeError(f"unknown mode config {type(mode).__name__}")
+        case _:
+            raise TypeError(f"unknown mode config {type(mode).__name__}")
+    if not trains_text_encoder(mode):
+        return trained
+    if text_model is None:
+        raise ValueError("mode.text_encoder=lora needs the text encoder module (text_encoder.load_text_model)")
+    text_model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # its init draws leave the run's noise and timesteps as without it
+        torch.manual_seed(torch.initial_seed() + 1)
+        text = wrap(text_model, text_lora_config(mode))
+    if isinstance(trained, DecoderAndEncoder):
+        trained.text_encoder = text
+        return trained
+    return DecoderAndEncoder(trained, None, text)
 
 
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> None:
@@ -168,8 +211,12 @@ def drop_held_grads(held: List[Tuple[int, List[nn.Parameter]]], steps_done: int)
 
 def trainable_state_dict(decoder: nn.Module, weights: Optional[Dict[str, torch.Tensor]] = None
                          ) -> Dict[str, torch.Tensor]:
-    """The trained weights only: adapter tensors (PEFT key names) or the full decoder state. `weights` = the
-    decoder's full state dict gathered elsewhere (sharded runs); default: the module's own."""
+    """The trained weights only: adapter tensors (PEFT key names) or the full decoder state (of each part of a
+    `DecoderAndEncoder`, under its prefix). `weights` = the module's full state dict gathered elsewhere (sharded runs);
+    default: the module's own."""
+    if isinstance(decoder, DecoderAndEncoder):
+        return {prefix + k: v for prefix, part in decoder.parts()
+                for k, v in trainable_state_dict(part, _part(weights, prefix)).items()}
     if isinstance(decoder, PeftModel):
         return get_peft_model_state_dict(decoder, state_dict=weights)
     return decoder.state_dict() if weights is None else weights
@@ -183,8 +230,20 @@ def write_trained(model: nn.Module, decoder: nn.Module, directory: Path, dtype: 
 
     `weights` = the trained module's full state dict (keys of the unwrapped module: relative to the decoder, or the
     official decoder.* / encoder.* keys of `DecoderAndEncoder`) when the live one is sharded or replaced (EMA);
-    default: the module's own.
+    default: the module's own. A trained text-encoder LoRA goes to `directory`/text_encoder/ (a PEFT directory).
     """
+    text = text_encoder_of(decoder)
+    if text is not None:  # the rest is written as if it were not there, then the text encoder's adapter beside it
+        text_weights = _part(weights, "text_encoder.")
+        if decoder.encoder is None:
+            rest, weights = decoder.decoder, _part(weights, "decoder.")
+        else:
+            rest = DecoderAndEncoder(decoder.decoder, decoder.encoder)
+            weights = None if weights is None else {k: v for k, v in weights.items()
+                                                    if not k.startswith("text_encoder.")}
+        write_trained(model, rest, directory, dtype, weights, comfyui)
+        save_adapter(text, Path(directory) / TEXT_ADAPTER_DIR, dtype, text_weights)
+        return Path(directory)
     if isinstance(decoder, PeftModel):
         save_adapter(decoder, directory, dtype, weights, comfyui)
         return Path(directory)
