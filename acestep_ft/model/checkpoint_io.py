@@ -46,6 +46,9 @@ SOFT_FIELDS = ("timestep_mu", "timestep_sigma", "model_version", "timbre_fix_fra
 CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME = "config.json", "model.safetensors", "model.safetensors.index.json"
 SUPPORT_FILES = ("configuration_acestep_v15.py", "apg_guidance.py", "silence_latent.pt")
 SILENCE_NAME = "silence_latent.pt"
+# the official checkpoint layout puts these beside the DiT directory
+VAE_DIR = "vae"
+TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
 SILENCE_FRAMES = 15000  # the official silence latent: [1, 64, 15000] (10 minutes at 25 latent frames per second)
 # Where a variant's official files live (the checkpoint directory official inference downloads).
 OFFICIAL_HOME = {

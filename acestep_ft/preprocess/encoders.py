@@ -41,23 +41,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from acestep_ft.config import ExportDtype, HardwareConfig, PreprocessConfig, StoreConditions, resolve_hardware
+from acestep_ft.data.batch import INPUT_KEYS as BATCH_INPUT_KEYS, OPTIONAL_INPUT_KEYS
 from acestep_ft.data.fingerprint import make_fingerprint, tensor_digest
 from acestep_ft.data.v3_reader import FRAMES_PER_SECOND
 from acestep_ft.errors import ConfigError, UserError
 from acestep_ft.model import load_model
-from acestep_ft.model.checkpoint_io import condition_encoder_digest
+from acestep_ft.model.checkpoint_io import SILENCE_NAME, TEXT_ENCODER_DIR, VAE_DIR, condition_encoder_digest
 
 from .audio import Clip
 from .captions import Song, caption_prompt, lyric_padding, lyric_text
 
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 64
-SILENCE_NAME = "silence_latent.pt"
 STORED = {ExportDtype.float32: torch.float32, ExportDtype.bfloat16: torch.bfloat16, ExportDtype.float16: torch.float16}
 COMPUTE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_ENCODER_KEY = "model.text_encoder_path"
-INPUT_KEYS = ("text_hidden_states", "text_attention_mask", "text_token_ids", "lyric_token_ids", "lyric_attention_mask",
-              "refer_audio_latents")
+INPUT_KEYS = BATCH_INPUT_KEYS + OPTIONAL_INPUT_KEYS  # what preprocess.store=inputs|both writes
 
 
 def song_seed(seed: int, key: str) -> int:
@@ -72,9 +71,9 @@ def component_paths(model_cfg: Any, pre: PreprocessConfig) -> tuple[Path, Path, 
                           "silence_latent.pt; vae/ and Qwen3-Embedding-0.6B/ beside it by default). Fix: "
                           "model.path=<checkpoints>/acestep-v15-turbo (or your DiT).")
     dit = Path(os.path.expanduser(model_cfg.path))
-    vae = Path(os.path.expanduser(pre.vae_path)) if pre.vae_path else dit.parent / "vae"
+    vae = Path(os.path.expanduser(pre.vae_path)) if pre.vae_path else dit.parent / VAE_DIR
     text = (Path(os.path.expanduser(model_cfg.text_encoder_path)) if model_cfg.text_encoder_path
-            else dit.parent / "Qwen3-Embedding-0.6B")
+            else dit.parent / TEXT_ENCODER_DIR)
     missing = [f"{name}: {p} (set {knob})" for name, p, knob in
                [("DiT", dit, "model.path"), ("VAE", vae, "preprocess.vae_path"),
                 ("text encoder", text, TEXT_ENCODER_KEY)] if not p.is_dir()]

@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from acestep_ft.data.batch import Batch
 from acestep_ft.errors import ConfigError, UserError
+from acestep_ft.model.checkpoint_io import TEXT_ENCODER_DIR
 from acestep_ft.model.encoder import pack_sequences
 from acestep_ft.train.sample_audio import sibling_dir
 from acestep_ft.train.text_encoder import run_text_encoder
 
-TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"  # beside the DiT directory in the official checkpoint layout
 TABLE_SUFFIX = "embed_tokens.weight"       # Qwen3Model: embed_tokens.weight; Qwen3ForCausalLM: model.embed_tokens...
 RANDOM_TABLE_SEED = 20240501               # random-init models (model.path None) get this fixed random table
 RANDOM_TABLE_STD = 0.02                    # the transformers init of an embedding
@@ -92,7 +92,8 @@ class Conditioner(nn.Module):
     """Encoder inputs of a Batch -> (encoder_hidden_states [B, L, H_enc], encoder_attention_mask [B, L] float32).
 
     `encoder` is the model's condition encoder (shared, not copied: a trained encoder trains here); `table` the text
-    encoder's token embedding table [V, D_text] (a buffer, never trained). Call it under the run's autocast.
+    encoder's token embedding table [V, D_text] (a buffer, never trained); `text_encoder` the trained text encoder
+    (mode.text_encoder=lora) or None. Call it under the run's autocast.
     """
 
     def __init__(self, encoder: nn.Module, table: Tensor, text_encoder: Optional[nn.Module] = None) -> None:

@@ -32,8 +32,8 @@ from acestep_ft.data.collate import collate
 from acestep_ft.data.dataset import SampleSource, SubsetSource
 from acestep_ft.data.fingerprint import read_fingerprint
 from acestep_ft.errors import ConfigError
+from acestep_ft.model.checkpoint_io import TEXT_ENCODER_DIR, VAE_DIR
 from acestep_ft.train.evaluate import ValidationSet, fixed_noise
-from acestep_ft.train.conditioning import TEXT_ENCODER_DIR
 from acestep_ft.train.flow_sampler import Sampler, resolve_sampler, sample_latents
 from acestep_ft.train.step import Encode
 from acestep_ft.train.sample_audio import (
@@ -121,7 +121,7 @@ def prompt_dirs(text_encoder_path: Optional[str], vae_path: Optional[str], model
     ConfigError naming each missing directory and the key to set."""
     found, missing = [], []
     for setting, sibling, key, what in ((text_encoder_path, TEXT_ENCODER_DIR, text_key, "text encoder + tokenizer"),
-                                        (vae_path, "vae", vae_key, "VAE")):
+                                        (vae_path, VAE_DIR, vae_key, "VAE")):
         path = sibling_dir(setting, model_path, sibling, key, f"the checkpoint's {what}")
         if path is None:
             where = (f"{Path(model_path).expanduser().parent / sibling} (beside model.path) does not exist"

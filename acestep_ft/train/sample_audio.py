@@ -21,6 +21,7 @@ import torch
 
 from acestep_ft.config import SampleConfig
 from acestep_ft.errors import ConfigError
+from acestep_ft.model.checkpoint_io import VAE_DIR
 
 
 def sibling_dir(setting: Optional[str], model_path: Optional[str], sibling: str, key: str, what: str
@@ -42,7 +43,7 @@ def sibling_dir(setting: Optional[str], model_path: Optional[str], sibling: str,
 def vae_dir(vae_path: Optional[str], model_path: Optional[str], key: str = "train.samples.vae_path"
             ) -> Optional[Path]:
     """The VAE directory to decode with: `vae_path`, else <model.path>/../vae if it exists, else None."""
-    return sibling_dir(vae_path, model_path, "vae", key, "the VAE of the checkpoint")
+    return sibling_dir(vae_path, model_path, VAE_DIR, key, "the VAE of the checkpoint")
 
 
 def load_vae(path: Path, key: str, device: Any = "cpu") -> Any:
