@@ -193,7 +193,8 @@ def condition_encoder(cfg: Config, model: nn.Module, trained: nn.Module, frozen:
     if cfg.dataset.conditions != Conditions.encoder_inputs:
         return None
     text = text_encoder_of(trained)
-    conditioner = Conditioner(model.encoder, load_token_table(cfg.model, frozen), text).to(acc.device)
+    conditioner = Conditioner(model.encoder, load_token_table(cfg.model, frozen), text,
+                              checked_below=cfg.model.text_vocab_size).to(acc.device)  # the data checks the ids
     count = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     say(f"conditions: the condition encoder runs in every step ({count:,} of its parameters train) on lyric ids "
         f"embedded with the text encoder's table of {conditioner.table.shape[0]:,} tokens "

@@ -138,14 +138,6 @@ def _every_module_kept(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result.to(x.dtype)
 
 
-class _FakeConditioner(Conditioner):
-    """`Conditioner` without the lyric id range check, a data-dependent branch fake tensors cannot take (the ids of
-    `random_batch` lie in the table)."""
-
-    def embed_lyrics(self, ids: torch.Tensor, keys: list) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.table)
-
-
 def _unpack_known(batch: int, refs: int):
     """`encoder.unpack_by_owner` for `refs` references per sample in batch order, without reading the owners back
     (`.item()`, which fake tensors refuse): the same [B, R, D] output and [B, R] mask, built by the same ops."""
@@ -316,7 +308,9 @@ def trace_peak(cfg: Config, batch: int, frames: int, cond: Condition, foreach: b
         conditioner = None
         if isinstance(lengths, InputLengths):
             table = torch.empty(cfg.model.text_vocab_size, cfg.model.text_hidden_dim, dtype=frozen_dtype(cfg))
-            conditioner = _FakeConditioner(model.encoder, table, text_encoder_of(trained))
+            # the ids of `random_batch` lie in the table: no range check (a data-dependent branch fake tensors refuse)
+            conditioner = Conditioner(model.encoder, table, text_encoder_of(trained),
+                                      checked_below=cfg.model.text_vocab_size)
         parts.load(batch, frames, lengths, "cpu", PREFETCH_BATCHES if cfg.hardware.device_prefetch else 1,
                    conditioner)
         parts.step(1)  # creates the optimizer state; step 2 is the steady state

@@ -93,14 +93,18 @@ class Conditioner(nn.Module):
 
     `encoder` is the model's condition encoder (shared, not copied: a trained encoder trains here); `table` the text
     encoder's token embedding table [V, D_text] (a buffer, never trained); `text_encoder` the trained text encoder
-    (mode.text_encoder=lora) or None. Call it under the run's autocast.
+    (mode.text_encoder=lora) or None. `checked_below`: a bound the data layer has already checked every token id
+    against (model.text_vocab_size); when the table has at least that many rows the per-step range check, which reads
+    the ids back to the host, is left out. Call it under the run's autocast.
     """
 
-    def __init__(self, encoder: nn.Module, table: Tensor, text_encoder: Optional[nn.Module] = None) -> None:
+    def __init__(self, encoder: nn.Module, table: Tensor, text_encoder: Optional[nn.Module] = None,
+                 checked_below: Optional[int] = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.text_encoder = text_encoder
         self.register_buffer("table", table, persistent=False)
+        self.check_ids = checked_below is None or checked_below > table.shape[0]
 
     @property
     def trains(self) -> bool:
@@ -109,8 +113,8 @@ class Conditioner(nn.Module):
     def embed_lyrics(self, ids: Tensor, keys: list) -> Tensor:
         """Lyric token ids [B, Ll] -> [B, Ll, D_text]; an id outside the table is an error naming the sample."""
         vocab = self.table.shape[0]
-        bad = (ids < 0) | (ids >= vocab)
-        if bool(bad.any()):
+        bad = (ids < 0) | (ids >= vocab) if self.check_ids else None
+        if bad is not None and bool(bad.any()):
             row = int(bad.any(dim=1).nonzero()[0])
             raise UserError(f"sample {keys[row]}: lyric token id {int(ids[row][bad[row]][0])} is outside the text "
                             f"encoder's table of {vocab} tokens: the data was tokenized for another text encoder. "

@@ -103,6 +103,21 @@ def test_out_of_range_lyric_ids_name_the_sample():
         conditioner(replace(batch, lyric_token_ids=ids))
 
 
+def test_ids_the_data_layer_checked_are_not_read_back_in_every_step():
+    """run.py passes checked_below=model.text_vocab_size (the data rejects larger ids): with a table at least that
+    big the step does not look at the ids on the host; a smaller table keeps the check."""
+    cfg, model, conditioner, batch = setup()
+    rows = conditioner.table.shape[0]
+    ids = batch.lyric_token_ids.clone()
+    ids[0, 0] = rows
+    trusting = Conditioner(model.encoder, conditioner.table, checked_below=rows)
+    with pytest.raises(IndexError):  # not the Conditioner's message: no check ran
+        trusting(replace(batch, lyric_token_ids=ids))
+    checking = Conditioner(model.encoder, conditioner.table, checked_below=rows + 1)
+    with pytest.raises(UserError, match="outside the text encoder's table"):
+        checking(replace(batch, lyric_token_ids=ids))
+
+
 def test_token_table_comes_from_the_text_encoder_beside_the_checkpoint(tmp_path):
     cfg = model_config()
     table = torch.randn(40, cfg.text_hidden_dim)
