@@ -33,3 +33,14 @@ def sample_dict(t: int, length: int = 9, width: int = 16, dtype=torch.bfloat16, 
                      "lyrics": "[Instrumental]", "duration": t / 25, "bpm": 90, "keyscale": "C major",
                      "timesignature": "4", "is_instrumental": True, "genre": None},
     }
+
+
+def changed(d: dict, **change) -> dict:
+    """`d` with keys replaced (value) or removed (None): a sample with one thing wrong."""
+    d = dict(d)
+    for k, v in change.items():
+        if v is None:
+            del d[k]
+        else:
+            d[k] = v
+    return d

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import sample_dict
+from conftest import changed, sample_dict
 from acestep_ft.config import CacheConfig, Conditions, PreprocessedDataset, SyntheticDataset
 from acestep_ft.data import (BatchStream, ConditionWidths, DataError, InMemorySource, LengthBucketSampler, PtDirectory,
                              Sample, build_dataset, collate)
@@ -106,13 +106,7 @@ def test_outputs_only_data_asked_for_inputs_names_file_what_it_has_and_the_fix(t
 
 
 def bad_inputs(**change):
-    d = inputs_dict(t=12, dtype=torch.float32)
-    for k, v in change.items():
-        if v is None:
-            del d[k]
-        else:
-            d[k] = v
-    return d
+    return changed(inputs_dict(t=12, dtype=torch.float32), **change)
 
 
 NAN_TEXT = inputs_dict(t=12, dtype=torch.float32)["text_hidden_states"].clone()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sample_dict
+from conftest import changed, sample_dict
 from acestep_ft.config import CacheConfig, PreprocessedDataset
 from acestep_ft.data import DataError, PtDirectory, build_dataset, read_sample
 
@@ -106,13 +106,7 @@ def write_one(tmp_path: Path, d) -> Path:
 
 
 def bad(**change):
-    d = sample_dict(t=12)
-    for k, v in change.items():
-        if v is None:
-            del d[k]
-        else:
-            d[k] = v
-    return d
+    return changed(sample_dict(t=12), **change)
 
 
 NAN = sample_dict(t=12)["target_latents"].clone()
