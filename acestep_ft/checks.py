@@ -198,7 +198,7 @@ def encoder_training_problems(cfg: Config) -> List[str]:
 
 def text_encoder_problems(cfg: Config) -> List[str]:
     """mode.text_encoder=lora runs the text encoder in the step: it needs data that carries the caption's token ids,
-    the text encoder's directory, and one replica of the weights per process."""
+    the text encoder's directory and LoRA targets it has (one replica per process: `strategy_problems`)."""
     if not trains_text_encoder(cfg.mode):
         return []
     problems = []
@@ -217,11 +217,7 @@ def text_encoder_problems(cfg: Config) -> List[str]:
                         f"text_encoder_adapter={cfg.model.text_encoder_adapter} would merge another one under it. "
                         "Fix: model.text_encoder_adapter=null for training (it is for preprocessing, previews and "
                         "generate).")
-    if cfg.hardware.distributed in (Distributed.fsdp, Distributed.deepspeed):
-        problems.append(f"hardware.distributed={cfg.hardware.distributed} with mode.text_encoder=lora is not "
-                        "supported yet (the text encoder runs outside the sharded decoder): use hardware.distributed="
-                        "ddp.")
-    return problems
+    return problems  # hardware.distributed: distributed.strategy_problems
 
 
 def flat_config(cfg: Config, world_size: int) -> Dict[str, Any]:

@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor, nn
 
-from acestep_ft.config import Config, Distributed, FullMode, HardwareConfig
+from acestep_ft.config import Config, Distributed, FullMode, HardwareConfig, TextEncoderTraining
 
 WRAP_CLASSES = ["DiTLayer"]  # FSDP shard groups: one per DiT layer (acestep_ft/model/decoder.py), the root the rest
 DEEPSPEED_PIP = 'pip install "deepspeed>=0.19"'  # or the project extra: pip install -e ".[deepspeed]"
@@ -124,6 +124,9 @@ def strategy_problems(cfg: Config, on_cpu: bool) -> List[str]:
         problems.append(f"mode.unfreeze with hardware.distributed={hw.distributed} is not supported (held-back weights "
                         "have no optimizer state, which sharded optimizer checkpoints cannot restore exactly): use "
                         "ddp.")
+    if cfg.mode.text_encoder == TextEncoderTraining.lora and hw.distributed != Distributed.ddp:
+        problems.append(f"mode.text_encoder=lora with hardware.distributed={hw.distributed} is not supported yet (the "
+                        "text encoder runs outside the sharded decoder): use hardware.distributed=ddp.")
     if fsdp and cfg.optim.target.startswith("bitsandbytes."):
         problems.append(f"optim.optimizer {cfg.optim.target} with hardware.distributed=fsdp: bitsandbytes optimizers "
                         "do not step FSDP2's sharded (DTensor) weights; use torch.optim.AdamW (fused=true) with "

@@ -53,7 +53,6 @@ from acestep_ft.distributed import strategy_problems
 from acestep_ft.errors import UserError
 from acestep_ft.model.decoder import checkpointed_layers
 from acestep_ft.preflight.estimate import Condition, InputLengths, MemoryEstimate, estimate_memory, runs_encoder
-from acestep_ft.train.text_encoder import trains_text_encoder
 
 GIB = 2**30
 ADAMW = "torch.optim.AdamW"
@@ -219,12 +218,6 @@ def _smaller_batch(cfg: Config, shape: DataShape) -> Optional[Config]:
     return smaller if samples_per_step(smaller, shape) == samples_per_step(cfg, shape) else None
 
 
-def _shards_text_encoder(cfg: Config) -> bool:
-    """A trained text encoder under fsdp / deepspeed, which the config check refuses (it runs beside the sharded
-    decoder: acestep_ft/checks.py `text_encoder_problems`)."""
-    return trains_text_encoder(cfg.mode) and cfg.hardware.distributed != Distributed.ddp
-
-
 def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterator[Tuple[str, Config]]:
     """Successively cheaper-on-memory configs in the documented order; each builds on the previous one. Steps the
     run would refuse (see `strategy_problems`) are left out. Yields (step name, config)."""
@@ -233,7 +226,7 @@ def rewrite_candidates(cfg: Config, shape: DataShape, world_size: int) -> Iterat
 
     def step(candidate: Optional[Config]) -> bool:
         nonlocal current
-        if candidate is None or strategy_problems(candidate, on_cpu) or _shards_text_encoder(candidate):
+        if candidate is None or strategy_problems(candidate, on_cpu):
             return False
         current = candidate
         return True

@@ -126,17 +126,18 @@ def test_prompts_carrying_encoder_inputs_render_as_the_encoded_ones(text_dir, tm
 
 def test_bad_setups_are_refused_with_their_fix(text_dir):
     from acestep_ft.checks import text_encoder_problems
-    from acestep_ft.config import Config, HardwareConfig
+    from acestep_ft.config import Config, HardwareConfig, OptimConfig, TrainConfig
+    from acestep_ft.distributed import strategy_problems
 
     model = replace(model_config(), text_encoder_path=str(text_dir), text_vocab_size=VOCAB)
     base = Config(model=model, mode=lora_mode(), dataset=SyntheticDataset(conditions=Conditions.encoder_inputs),
-                  hardware=HardwareConfig())
+                  hardware=HardwareConfig(), optim=OptimConfig(), train=TrainConfig())
     assert text_encoder_problems(base) == []
     assert text_encoder_problems(replace(base, mode=LoraMode())) == []  # frozen: nothing to check
     problems = "\n".join(
         text_encoder_problems(replace(base, dataset=SyntheticDataset()))
         + text_encoder_problems(replace(base, model=replace(model, text_encoder_adapter="x")))
-        + text_encoder_problems(replace(base, hardware=HardwareConfig(distributed=Distributed.fsdp)))
+        + strategy_problems(replace(base, hardware=HardwareConfig(distributed=Distributed.fsdp)), on_cpu=False)
         + text_encoder_problems(replace(base, mode=lora_mode(target_modules=["nope"])))
         + text_encoder_problems(replace(base, model=replace(model, text_encoder_path=None))))
     for fix in ("dataset.conditions=encoder_inputs", "model.text_encoder_adapter=null", "hardware.distributed=ddp",
