@@ -135,7 +135,6 @@ class Conditioner(nn.Module):
                 batch.lyric_attention_mask.to(dtype), batch.refer_audio_latents.to(dtype), batch.refer_audio_order)
             return as_stored(hidden, mask.float(), batch)
 
-
     def text_states(self, batch: Batch) -> Tensor:
         """The caption's text hidden states [B, Lt, D_text]: as stored, or (mode.text_encoder=lora) the trained text
         encoder run on the caption's token ids."""

@@ -28,7 +28,7 @@ TEXT_KEY = "model.text_encoder_path"
 
 def trains_text_encoder(mode: Any) -> bool:
     """mode.text_encoder=lora."""
-    return getattr(mode, "text_encoder", TextEncoderTraining.frozen) == TextEncoderTraining.lora
+    return mode.text_encoder == TextEncoderTraining.lora
 
 
 def text_lora_config(mode: Any) -> LoraConfig:
