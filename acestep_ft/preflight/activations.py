@@ -228,3 +228,17 @@ def layer_workspace(s: Shape, bias_rows: int) -> int:
     attn = s.a * s.M * (3 * s.Q + 2 * s.V) + s.a * bias_rows * s.N * s.N
     cast = s.a * s.H * s.I if s.frozen_cast else 0
     return 2 * s.a * s.M * s.H + max(3 * F32 * s.M * s.H, attn, 3 * s.a * s.M * s.I) + cast
+
+
+def band_mask_bytes(s: Shape, key_rows: int) -> Tuple[int, int]:
+    """(peak while it is built, kept through the stack's layers) of a stack's dense sliding-window mask (sdpa / eager;
+    layers.self_attention_masks), bytes; (0, 0) without sliding layers or with flex (a few small tile tables).
+    band_mask computes |i - j| as two int64 [N, N] alive together (the difference and its abs), 16 * N^2, then a
+    bool [N, N]; combine_masks with key padding (key_rows = B rows of key_valid; 0: none) ANDs it into a bool
+    [B, 1, N, N] and ORs that with its empty-row fix, another one, while the band is still alive."""
+    if s.window is None or s.flex:
+        return 0, 0
+    n2 = s.N * s.N
+    if not key_rows:
+        return 16 * n2, n2
+    return max(16 * n2, n2 + 2 * key_rows * n2), key_rows * n2

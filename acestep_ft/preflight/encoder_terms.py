@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple, Union
 from acestep_ft.config import Conditions, Config
 from acestep_ft.model.acestep import encoder_dims
 from acestep_ft.preflight.activations import (
-    F32, Shape, encoder_layer_cost, layer_temporaries, layer_workspace, norm_cost,
+    F32, Shape, band_mask_bytes, encoder_layer_cost, layer_temporaries, layer_workspace, norm_cost,
 )
 from acestep_ft.preflight.dtypes import autocast_bytes, autocast_dtype, frozen_dtype
 from acestep_ft.preflight.trainset import EncoderTrain, LayerTrain
@@ -58,7 +58,8 @@ class _EncoderCost:
     """The condition encoder's share of one step."""
 
     pieces: List[Tuple[int, int, int]]  # in forward order: (saved bytes, trained params, backward temporaries)
-    forward: int  # while it runs forward, besides what it saves: its inputs, outputs and one layer's working set
+    forward: int  # peak while it runs forward: what it has saved so far, its inputs, outputs, the running stack's
+    # working set (building its band mask, or the kept mask and one layer's)
     output: int  # kept through the decoder's forward: the output [B,L,E], its CFG-dropped copy, the fp32 mask
 
     @property
@@ -67,9 +68,13 @@ class _EncoderCost:
 
 
 def _stack_cost(s: Shape, layers: List[LayerTrain], lin: Dict[str, Tuple[int, int]], embed_in: int,
-                embed_trained: int, norm_trained: int, bias_rows: List[int]) -> Tuple[List[Tuple[int, int, int]], int]:
-    """(pieces, forward workspace) of one encoder stack on s.M rows: embed_tokens (Linear from embed_in, keeps its
-    a-cast input when it trains) -> layers -> norm. bias_rows: the mask bias rows of each layer."""
+                embed_trained: int, norm_trained: int, bias_rows: List[int],
+                key_rows: int) -> Tuple[List[Tuple[int, int, int]], int, int]:
+    """(pieces, mask build, layer workspace) of one encoder stack on s.M rows: embed_tokens (Linear from embed_in,
+    keeps its a-cast input when it trains) -> layers -> norm. bias_rows: the mask bias rows of each layer; key_rows:
+    rows of its key-padding mask (0: none). mask build: building its band mask beside the embedded stream [M, H],
+    before its layers save anything (16 * N^2 bytes: at short widths and long references the timbre stack's peak);
+    layer workspace: the kept mask and one layer's working set, beside what its layers save."""
     pieces = [(s.a * s.M * embed_in if embed_trained else 0, embed_trained, 0)]
     in_grad = embed_trained > 0
     for lt, rows in zip(layers, bias_rows):
@@ -78,7 +83,21 @@ def _stack_cost(s: Shape, layers: List[LayerTrain], lin: Dict[str, Tuple[int, in
         pieces.append((act + cast + (s.a * lt.weights if s.a != F32 else 0), lt.trainable,
                        layer_temporaries(s) if in_grad else 0))
     pieces.append((norm_cost(s.M, s.H, s.H, s.a, norm_trained > 0, in_grad), norm_trained, 0))
-    return pieces, max((layer_workspace(s, rows) for rows in bias_rows), default=0)
+    build, kept = band_mask_bytes(s, key_rows)
+    layer_ws = max((layer_workspace(s, rows) for rows in bias_rows), default=0)
+    return pieces, build + s.a * s.M * s.H if build else 0, kept + layer_ws
+
+
+def _forward_peak(text_saved: int, stacks: List[Tuple[List[Tuple[int, int, int]], int, int]], total_saved: int) -> int:
+    """Highest of what the encoder's stacks (run in order after the text_projector) have saved so far plus the
+    running stack's mask build (before its own layers save anything) or layer workspace (after, an upper bound),
+    and of everything saved once it returns."""
+    before, peak = text_saved, total_saved
+    for pieces, build, layer_ws in stacks:
+        own = sum(p[0] for p in pieces)
+        peak = max(peak, before + build, before + own + layer_ws)
+        before += own
+    return peak
 
 
 def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLengths, world_size: int = 1,
@@ -105,13 +124,12 @@ def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLength
                      window=d.sliding_window)
 
     parts, lin = es.parts, es.layer_linears
-    lyric, lyric_ws = _stack_cost(shape(batch, lengths.lyric), es.lyric, lin, m.text_hidden_dim,
-                                  parts["lyric_encoder.embed_tokens"], parts["lyric_encoder.norm"],
-                                  [batch * d.layer_is_sliding(i) for i in range(len(es.lyric))])
-    timbre, timbre_ws = _stack_cost(shape(batch * lengths.refs, lengths.ref_frames + int(m.timbre_special_token)),
-                                    es.timbre, lin, m.timbre_hidden_dim, parts["timbre_encoder.embed_tokens"],
-                                    parts["timbre_encoder.norm"],
-                                    [int(d.layer_is_sliding(i)) for i in range(len(es.timbre))])
+    lyric = _stack_cost(shape(batch, lengths.lyric), es.lyric, lin, m.text_hidden_dim,
+                        parts["lyric_encoder.embed_tokens"], parts["lyric_encoder.norm"],
+                        [batch * d.layer_is_sliding(i) for i in range(len(es.lyric))], batch)
+    timbre = _stack_cost(shape(batch * lengths.refs, lengths.ref_frames + int(m.timbre_special_token)),
+                         es.timbre, lin, m.timbre_hidden_dim, parts["timbre_encoder.embed_tokens"],
+                         parts["timbre_encoder.norm"], [int(d.layer_is_sliding(i)) for i in range(len(es.timbre))], 0)
     projector_cast = a * m.text_hidden_dim * d.hidden_size if text_grad and frozen_cast else 0
     text = (a * batch * lengths.text * m.text_hidden_dim if parts["text_projector"] else projector_cast,
             parts["text_projector"], 0)
@@ -122,5 +140,6 @@ def encoder_cost(cfg: Config, es: EncoderTrain, batch: int, lengths: InputLength
                 lengths.length if text_grad else 0)
     pack = (a if narrow else F32) * batch * gathered * d.hidden_size
     inputs = frozen.itemsize * batch * (lengths.lyric + lengths.text) * m.text_hidden_dim  # lyric embedding, caption
-    return _EncoderCost([text, *lyric, *timbre, (pack, 0, 0)], inputs + 3 * out + max(lyric_ws, timbre_ws),
-                        2 * out + F32 * batch * lengths.length)
+    pieces = [text, *lyric[0], *timbre[0], (pack, 0, 0)]
+    peak = _forward_peak(text[0], [lyric, timbre], sum(p[0] for p in pieces))
+    return _EncoderCost(pieces, inputs + 3 * out + peak, 2 * out + F32 * batch * lengths.length)

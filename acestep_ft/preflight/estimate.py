@@ -68,8 +68,12 @@ and adaLN, reusing the same functions)
                     These activations live through the decoder's forward and backward; the encoder's backward walks
                     them down while its fp32 gradients grow; its optimizer states, EMA copy and gradients enter
                     those terms (optimizer groups by the trained module's decoder.* / encoder.* names).
-- frozen            runs without autograd: one more phase, the encoder's own forward (its inputs in the frozen dtype,
-                    its outputs, one layer's working set), which rarely beats the decoder's peak.
+- frozen            runs without autograd (keeps nothing for backward).
+- its forward       one more phase: its inputs in the frozen dtype, its outputs, what its trained stacks saved so
+                    far, and the running stack's working set: one layer's with the stack's kept bool band mask, or,
+                    before its layers, the band mask being built from two int64 [N, N] (|i - j|), 16 * N^2 (sdpa,
+                    eager). It rarely beats the decoder's peak, except at small widths with long references: the
+                    timbre stack's N = Tr = 750 frames make that build the step's peak.
 - its output        [B,L,E] (autocast dtype, or fp32 when trained or fp32 norms reach it), its CFG-dropped copy
                     and the fp32 mask stay alive through the decoder's forward.
 
@@ -313,10 +317,10 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
         phases.append((F32 * batch * T * C + text.forward + text_saved, "in the text encoder's forward pass",
                        {"activations": F32 * batch * T * C, "text encoder activations": text.forward + text_saved}))
     if enc is not None:
-        phases.append((F32 * batch * T * C + enc.forward + enc_saved + text_saved,
+        phases.append((F32 * batch * T * C + enc.forward + text_saved,
                        "in the condition encoder's forward pass",
                        {"activations": F32 * batch * T * C,
-                        "condition encoder activations": enc.forward + enc_saved, **text_part}))
+                        "condition encoder activations": enc.forward, **text_part}))
     layer_casts = sum(layers[i][1] + layers[i][4] for i in range(len(layers)) if i not in ckpt) if a != F32 else 0
     phases.append((head_saved + fwd_only + layer_saved + ckpt_casts + cache_head + tail_saved + enc_saved
                    + text_saved, "at the end of the forward pass",
@@ -376,7 +380,8 @@ def estimate_memory(cfg: Config, batch: int, frames: int, cond: Condition, world
         "backward temporaries": "one layer's stream gradients (2a+4)*M*H and SwiGLU gradients 3a*M*I",
         "optimizer temporaries": opt_temp_detail,
         "condition encoder activations": f"{where}: saved by its trained layers for backward, + while it runs, its "
-                                         f"inputs, outputs and one layer's working set ({inputs})"
+                                         "inputs, outputs and the running stack's band mask build or one layer's "
+                                         f"working set ({inputs})"
                                          + ("; its caption path and packing are in the text encoder's gradient path"
                                             if text is not None else ""),
         "text encoder activations": f"{where}: saved for backward by every layer of the LoRA'd text encoder "

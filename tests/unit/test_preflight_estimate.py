@@ -267,3 +267,25 @@ def test_estimate_matches_trace_real_size_encoder():
     (~2 min on 2 CPU cores)."""
     check_against_trace(["model=acestep15_turbo", "hardware=h100", "hardware.device_prefetch=false", *ENCODER], 2,
                         3000, InputLengths(text=256, lyric=512, refs=1, ref_frames=750))
+
+
+# the tiny model (hidden 64): 750 reference frames make the frozen timbre stack's band mask (|i - j| built as two
+# int64 [Tr, Tr]) the step's peak, beside the lyric stage's saved activations
+TINY_REFS = ["model=tiny", "hardware=cpu", "hardware.mixed_precision=bf16", "hardware.device_prefetch=false", *INPUTS]
+LYRIC_STAGE = ["mode=full", "mode.unfreeze=[{module: condition_encoder, pattern: 'lyric_encoder', at_step: 0}]"]
+REFERENCE_AUDIO = InputLengths(text=256, lyric=64, refs=1, ref_frames=750)
+
+
+def test_estimate_matches_trace_frozen_timbre_encoder_on_reference_audio():
+    check_against_trace([*TINY_REFS, *LYRIC_STAGE], 2, 200, REFERENCE_AUDIO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,cond", [
+    (["mode=lora"], REFERENCE_AUDIO),
+    ([*LYRIC_STAGE, "hardware.mixed_precision=no"], REFERENCE_AUDIO),
+    (LYRIC_STAGE, InputLengths(text=256, lyric=512, refs=1, ref_frames=750)),
+    (LYRIC_STAGE, InputLengths(text=256, lyric=64, refs=1, ref_frames=250)),
+])
+def test_estimate_matches_trace_frozen_timbre_encoder_more(overrides, cond):
+    check_against_trace([*TINY_REFS, *overrides], 2, 200, cond)
